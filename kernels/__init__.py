@@ -1,0 +1,22 @@
+"""Triton kernels of tritonclip and their launchers. No policy lives here: callers choose
+groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
+
+from .clamp import clamp_
+from .norm import accumulation_dtype, finalize, norm_partials
+from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, PlanCache, is_vector_aligned, plan_cache
+from .scale import scale_
+
+__all__ = [
+    "CHUNK",
+    "VECTOR_BYTES",
+    "Launch",
+    "LaunchPlan",
+    "PlanCache",
+    "accumulation_dtype",
+    "clamp_",
+    "finalize",
+    "is_vector_aligned",
+    "norm_partials",
+    "plan_cache",
+    "scale_",
+]

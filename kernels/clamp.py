@@ -1,0 +1,57 @@
+"""In-place multi-tensor clamp to [lo, hi] in a single read-write pass."""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import chunk_bounds
+from .config import TL_DTYPES, compute_dtype, stream_config
+from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+
+
+@triton.jit
+def _clamp_kernel(
+    # pointers
+    table_ptr,
+    # sizes
+    n_spans, n_chunks,
+    # bounds, as the bit patterns of float64 values (Triton passes Python floats as float32,
+    # which would round the bounds of float64 gradients)
+    lo_bits, hi_bits,
+    # meta-parameters
+    DTYPE: tl.constexpr, ACC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+):
+    """g = min(max(g, lo), hi) over chunk ``pid`` of the plan; NaN stays NaN (as torch.clamp)."""
+    pid = tl.program_id(0).to(tl.int64)
+    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
+    lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(base + offs, mask=mask).to(ACC)
+        y = tl.minimum(tl.maximum(x, lo), hi)
+        tl.store(base + offs, tl.where(x != x, x, y).to(DTYPE), mask=mask)
+
+
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
+    """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite)."""
+    block, num_warps = stream_config(plan.dtype)
+    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    for launch in plan.launches:
+        _clamp_kernel[(launch.n_chunks,)](
+            launch.table, launch.n_spans, launch.n_chunks,
+            _float64_bits(lo), _float64_bits(hi),
+            DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
+            CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
+            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+        )

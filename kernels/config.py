@@ -1,0 +1,36 @@
+"""Launch configuration of the streaming kernels, keyed by gradient dtype.
+
+Without a GPU measurement yet (the GPU tuning sweep belongs to the benchmark issue), the block
+is sized so that every thread of 4 warps issues four 16-byte accesses per loop iteration:
+BLOCK = 4 warps * 32 threads * 4 vectors * 16 bytes / element size. That is the usual shape of
+a bandwidth-bound Triton elementwise loop; replace with a measured table when one exists.
+"""
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+_NUM_WARPS = 4
+_BYTES_PER_ITERATION = _NUM_WARPS * 32 * 4 * 16  # 8 KiB
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of the kernels: float64 for float64 gradients, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stream_config(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK elements per loop iteration, num_warps) of the streaming kernels."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return _BYTES_PER_ITERATION // element_size, _NUM_WARPS
+
+
+def finalize_config() -> tuple[int, int]:
+    """(BLOCK, num_warps) of the finalize kernel: partials are few, one warp group suffices."""
+    return 1024, 4

@@ -1,0 +1,179 @@
+"""Multi-tensor norm: per-chunk partial reductions and their deterministic finalize.
+
+``norm_partials`` reads every span of a plan once and writes one partial per chunk:
+sum of g^2, sum of |g|, sum of |g|^p, max |g|, min |g| or the count of nonzeros. ``finalize``
+reduces those partials, in a fixed order, to the value of the whole group and optionally of
+each span. No atomics anywhere, so two runs on the same input agree bit for bit.
+
+Accumulation is float32 for float16/bfloat16/float32 gradients and float64 for float64;
+nonzero counts are accumulated as integers and kept as float64 (exact below 2**53).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import (
+    NORM_COUNT,
+    NORM_MAX,
+    NORM_MIN,
+    NORM_SUM_ABS,
+    NORM_SUM_POW,
+    NORM_SUM_SQUARES,
+    any_nan,
+    chunk_bounds,
+)
+from .config import TL_DTYPES, compute_dtype, finalize_config, stream_config
+from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+
+
+@triton.jit
+def _norm_partials_kernel(
+    # pointers
+    table_ptr, partials_ptr,
+    # sizes
+    n_spans, n_chunks, partial_offset,
+    # order of the norm, used by NORM_SUM_POW only
+    p,
+    # meta-parameters
+    DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+):
+    """partials[partial_offset + c] = reduction over chunk c of the plan's spans."""
+    pid = tl.program_id(0).to(tl.int64)
+    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
+
+    if NORM == NORM_MIN:
+        acc = tl.full([BLOCK], float("inf"), ACC)
+    elif NORM == NORM_COUNT:
+        acc = tl.zeros([BLOCK], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK], ACC)
+
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(base + offs, mask=mask, other=0).to(ACC)
+        if NORM == NORM_SUM_SQUARES:
+            acc += x * x
+        elif NORM == NORM_SUM_ABS:
+            acc += tl.abs(x)
+        elif NORM == NORM_SUM_POW:
+            # |x|^p = 2^(p log2|x|); masked lanes zeroed after the transform, since 0^p is
+            # inf for p < 0.
+            acc += tl.where(mask, tl.exp2(p * tl.log2(tl.abs(x))), 0.0)
+        elif NORM == NORM_MAX:
+            acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        elif NORM == NORM_MIN:
+            acc = tl.minimum(acc, tl.where(mask, tl.abs(x), float("inf")),
+                             propagate_nan=tl.PropagateNan.ALL)
+        else:  # NORM_COUNT; masked lanes load 0 and are not counted; NaN counts as nonzero
+            acc += (x != 0).to(tl.int32)
+
+    if NORM == NORM_MAX:
+        partial = tl.where(any_nan(acc), float("nan"), tl.max(acc, axis=0))
+    elif NORM == NORM_MIN:
+        partial = tl.where(any_nan(acc), float("nan"), tl.min(acc, axis=0))
+    elif NORM == NORM_COUNT:
+        partial = tl.sum(acc.to(tl.int64), axis=0).to(tl.float64)
+    else:
+        partial = tl.sum(acc, axis=0)
+    tl.store(partials_ptr + partial_offset + pid, partial)
+
+
+@triton.jit
+def _finalize_kernel(
+    # pointers
+    partials_ptr, segments_ptr, out_ptr,
+    # meta-parameters
+    NORM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment."""
+    pid = tl.program_id(0).to(tl.int64)
+    start = tl.load(segments_ptr + 2 * pid)
+    end = tl.load(segments_ptr + 2 * pid + 1)
+    ACC: tl.constexpr = partials_ptr.dtype.element_ty
+    if NORM == NORM_MIN:
+        acc = tl.full([BLOCK], float("inf"), ACC)
+    else:
+        acc = tl.zeros([BLOCK], ACC)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        if NORM == NORM_MAX:
+            x = tl.load(partials_ptr + offs, mask=mask, other=0)
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+        elif NORM == NORM_MIN:
+            x = tl.load(partials_ptr + offs, mask=mask, other=float("inf"))
+            acc = tl.minimum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            acc += tl.load(partials_ptr + offs, mask=mask, other=0)
+    if NORM == NORM_MAX:
+        value = tl.where(any_nan(acc), float("nan"), tl.max(acc, axis=0))
+    elif NORM == NORM_MIN:
+        value = tl.where(any_nan(acc), float("nan"), tl.min(acc, axis=0))
+    else:
+        value = tl.sum(acc, axis=0)
+    tl.store(out_ptr + pid, tl.where(end > start, value, 0.0).to(ACC))
+
+
+def norm_mode(norm_type: float) -> int:
+    """The kernel's NORM constant for a (validated, float) norm order."""
+    if norm_type == 2.0:
+        return NORM_SUM_SQUARES
+    if norm_type == 1.0:
+        return NORM_SUM_ABS
+    if norm_type == float("inf"):
+        return NORM_MAX
+    if norm_type == float("-inf"):
+        return NORM_MIN
+    if norm_type == 0.0:
+        return NORM_COUNT
+    return NORM_SUM_POW
+
+
+def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
+    """dtype of partials and group values: float64 for float64 grads and for counts."""
+    if dtype == torch.float64 or norm_type == 0.0:
+        return torch.float64
+    return torch.float32
+
+
+def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
+    """Launch the partial reduction over every span of ``plan``.
+
+    Returns the partials (one per chunk) in :func:`accumulation_dtype`.
+    """
+    acc_dtype = accumulation_dtype(plan.dtype, norm_type)
+    partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=plan.device)
+    mode = norm_mode(norm_type)
+    block, num_warps = stream_config(plan.dtype)
+    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    for launch in plan.launches:
+        _norm_partials_kernel[(launch.n_chunks,)](
+            launch.table, partials,
+            launch.n_spans, launch.n_chunks, launch.partial_offset,
+            float(norm_type) if mode == NORM_SUM_POW else 1.0,
+            DTYPE=TL_DTYPES[plan.dtype],
+            ACC=TL_DTYPES[compute_dtype(plan.dtype)],
+            NORM=mode, CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
+            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+        )
+    return partials
+
+
+def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Reduce ``partials`` over the plan's segments.
+
+    Returns a 1-D tensor in the partials' dtype: element 0 is the group's value, and, for a
+    plan built with per-span segments, element 1 + i is span i's value (0 for an empty span).
+    Values are in "power" form (sum |g|^p, max, min or count); roots are taken by the caller.
+    """
+    out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
+    block, num_warps = finalize_config()
+    _finalize_kernel[(plan.n_segments,)](
+        partials, plan.segments, out, NORM=norm_mode(norm_type), BLOCK=block, num_warps=num_warps
+    )
+    return out

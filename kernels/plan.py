@@ -1,0 +1,160 @@
+"""Multi-tensor launch plans: the device tables that let one launch cover many tensors.
+
+A plan describes a list of *spans* (base address, element count) of one dtype on one device.
+Each span is cut into chunks of ``CHUNK`` elements; one Triton program handles one chunk. The
+plan's single int64 device tensor holds, per launch::
+
+    [ base address x S | element count x S | chunk -> span x C | chunk -> first element x C ]
+
+followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial indices).
+
+Spans whose base address is 16-byte aligned and whose length is a multiple of the 16-byte
+vector go to the ``aligned`` launch, which is compiled with divisibility hints so that the
+streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` launch.
+Both launches write their per-chunk partials into one buffer, so a reduction stays one buffer.
+
+Plans are cached by ``(device, dtype, per-span segments, ((address, numel), ...))``: a second
+call on the same gradients builds nothing and copies nothing from host to device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Sequence
+
+import torch
+
+# Elements per program. 64 Ki elements (256 KiB of float32) keeps a few hundred programs in
+# flight for 100 MB of gradients while making the partials buffer (one value per chunk)
+# negligible: 1 KiB of partials per 256 MiB of float32 gradients. Not yet tuned on a GPU.
+CHUNK = 64 * 1024
+
+# Bytes per vector access; the aligned specialization asserts this divisibility.
+VECTOR_BYTES = 16
+
+_CACHE_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a plan: the spans of one alignment class."""
+
+    aligned: bool
+    table: torch.Tensor  # view into the plan table starting at this launch's rows
+    n_spans: int
+    n_chunks: int
+    partial_offset: int  # index of this launch's first partial in the shared buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Device tables for one (device, dtype) list of spans."""
+
+    device: torch.device
+    dtype: torch.dtype
+    launches: tuple[Launch, ...]
+    n_partials: int
+    segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
+    n_segments: int
+
+
+def is_vector_aligned(address: int, numel: int, element_size: int) -> bool:
+    """Whether a span can take the 128-bit vectorized specialization."""
+    vec = VECTOR_BYTES // element_size
+    return address % VECTOR_BYTES == 0 and numel % vec == 0
+
+
+def _build(
+    spans: Sequence[tuple[int, int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    per_span: bool,
+) -> LaunchPlan:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    classes = {True: [], False: []}
+    for index, (address, numel) in enumerate(spans):
+        if numel > 0:
+            classes[is_vector_aligned(address, numel, element_size)].append(index)
+
+    rows: list[int] = []
+    layout = []  # (aligned, table offset, n_spans, n_chunks, partial offset)
+    span_partials = [(0, 0)] * len(spans)  # [start, end) of each span's partials
+    n_partials = 0
+    for aligned in (True, False):
+        members = classes[aligned]
+        if not members:
+            continue
+        chunk_span: list[int] = []
+        chunk_start: list[int] = []
+        for local, index in enumerate(members):
+            numel = spans[index][1]
+            n = -(-numel // CHUNK)
+            span_partials[index] = (n_partials + len(chunk_span), n_partials + len(chunk_span) + n)
+            chunk_span.extend([local] * n)
+            chunk_start.extend(range(0, numel, CHUNK))
+        layout.append((aligned, len(rows), len(members), len(chunk_span), n_partials))
+        rows.extend(spans[i][0] for i in members)
+        rows.extend(spans[i][1] for i in members)
+        rows.extend(chunk_span)
+        rows.extend(chunk_start)
+        n_partials += len(chunk_span)
+
+    segments_offset = len(rows)
+    segment_rows = [(0, n_partials)]
+    if per_span:
+        segment_rows.extend(span_partials)
+    for start, end in segment_rows:
+        rows.extend((start, end))
+
+    # One host-to-device copy per plan; the plan is cached so steady state makes none.
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    launches = tuple(
+        Launch(aligned, table[offset:], n_spans, n_chunks, partial_offset)
+        for aligned, offset, n_spans, n_chunks, partial_offset in layout
+    )
+    segments = table[segments_offset:].view(-1, 2)
+    return LaunchPlan(device, dtype, launches, n_partials, segments, len(segment_rows))
+
+
+class PlanCache:
+    """A small LRU cache of launch plans with hit/build counters (for tests and benchmarks)."""
+
+    def __init__(self, maxsize: int = _CACHE_SIZE):
+        self.maxsize = maxsize
+        self.builds = 0
+        self.hits = 0
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self,
+        spans: Sequence[tuple[int, int]],
+        device: torch.device,
+        dtype: torch.dtype,
+        per_span: bool = False,
+    ) -> LaunchPlan:
+        key = (device, dtype, per_span, tuple(spans))
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return plan
+        plan = _build(spans, device, dtype, per_span)
+        with self._lock:
+            self.builds += 1
+            self._plans[key] = plan
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self.builds = 0
+            self.hits = 0
+
+
+plan_cache = PlanCache()

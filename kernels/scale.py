@@ -1,0 +1,51 @@
+"""In-place multi-tensor scale by a coefficient that lives in device memory."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import chunk_bounds
+from .config import TL_DTYPES, compute_dtype, stream_config
+from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+
+
+@triton.jit
+def _scale_kernel(
+    # pointers
+    table_ptr, coef_ptr,
+    # sizes
+    n_spans, n_chunks,
+    # meta-parameters
+    DTYPE: tl.constexpr, ACC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+):
+    """g *= coef over chunk ``pid`` of the plan, unless coef >= 1 (then nothing is touched)."""
+    coef = tl.load(coef_ptr)
+    # Clipping inactive: return before reading any gradient, so the scale pass costs one
+    # 4-byte load per program. A NaN coefficient does not compare >= 1 and propagates.
+    if coef >= 1.0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
+    coef = coef.to(ACC)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(base + offs, mask=mask)
+        tl.store(base + offs, (x.to(ACC) * coef).to(DTYPE), mask=mask)
+
+
+def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
+    """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
+    plan's device); a coefficient >= 1 leaves the memory untouched."""
+    block, num_warps = stream_config(plan.dtype)
+    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    for launch in plan.launches:
+        _scale_kernel[(launch.n_chunks,)](
+            launch.table, coef, launch.n_spans, launch.n_chunks,
+            DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
+            CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
+            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+        )

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv with tritonclip installed (editable) and its test and bench extras.
+# Where python3 already has torch and triton (a GPU machine), the venv sees them through
+# --system-site-packages and nothing installs another torch. Elsewhere it installs
+# $TORCH_SPEC (default: the CPU-tested torch==2.13.0; TORCH_SPEC=torch takes the newest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+stamp="$VENV/.tritonclip-installed"
+
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+
+if "$PYTHON" -c "import torch, triton" >/dev/null 2>&1; then
+  echo "setup: reusing the torch and triton of $PYTHON"
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+else
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "$TORCH_SPEC"
+fi
+# The extras are small; where pip cannot reach an index (an offline GPU box that already has
+# pytest) the editable install of the package alone is enough to run the tests.
+if ! "$VENV/bin/pip" install --quiet --no-build-isolation -e ".[test,bench]"; then
+  echo "setup: could not install the extras; installing tritonclip alone"
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+fi
+touch "$stamp"

@@ -1,0 +1,110 @@
+"""Runs one operation over all groups, each with its backend, and combines the results."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _torch_backend, _triton_backend
+from ._groups import Group, span_of_each
+
+_BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
+
+
+def _accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
+    if dtype in (torch.float64, torch.complex128) or norm_type == 0.0:
+        return torch.float64
+    return torch.float32
+
+
+def root(power: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Power form (sum |g|^p, max, min, count) -> norm."""
+    if math.isinf(norm_type) or norm_type in (0.0, 1.0):
+        return power
+    if norm_type == 2.0:
+        return power.sqrt()
+    return power.pow(1.0 / norm_type)
+
+
+def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    """Group values (power form) -> the total norm, a float32 0-dim tensor on ``device``."""
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    moved = [v.to(device=device, dtype=dtype, non_blocking=True) for v in values]
+    power = moved[0] if len(moved) == 1 else _torch_backend.reduce_power(torch.stack(moved), norm_type)
+    return root(power, norm_type).to(torch.float32)
+
+
+def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
+               foreach: bool | None, per_tensor: bool = False):
+    """The norm of ``tensors`` viewed as one vector, each storage region counted once: a
+    float32 0-dim tensor on the first tensor's device (CPU when there is none).
+
+    With ``per_tensor`` also returns a 1-D float32 tensor of each input tensor's own norm.
+    """
+    device = tensors[0].device if tensors else torch.device("cpu")
+    values = []
+    per_tensor_norms = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    for group in groups:
+        if not (group.spans or group.others):
+            continue  # only empty tensors: nothing to count, and their norms stay 0
+        backend = _BACKENDS[group.backend]
+        acc = _accumulation_dtype(group.dtype, norm_type)
+        if per_tensor:
+            value = _group_per_tensor(tensors, group, backend, norm_type, acc, foreach,
+                                      per_tensor_norms)
+            if value is not None:
+                values.append(value)
+                continue
+        values.append(backend.group_power(group, norm_type, acc, foreach)[0])
+    total = _combine(values, norm_type, device) if values else torch.zeros((), device=device)
+    return (total, per_tensor_norms) if per_tensor else total
+
+
+def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
+    """Write each member's norm into ``out``; return the group's power-form value when the
+    same pass gives it (the members' spans are disjoint and all dense), else None."""
+    members = [tensors[i] for i in group.members]
+    spans, which, disjoint = span_of_each(members)
+    value, norms = None, None
+    if spans:
+        span_group = Group(group.device, group.dtype, group.backend, spans, [], group.members)
+        value, norms = backend.group_power(span_group, norm_type, acc, foreach, per_span=True)
+    leftover = [i for i, w in zip(group.members, which) if w is None and tensors[i].numel() > 0]
+    dense = [(i, w) for i, w in zip(group.members, which) if w is not None]
+    device = out.device
+    if dense:
+        targets = torch.tensor([i for i, _ in dense]).to(device, non_blocking=True)
+        sources = torch.tensor([w for _, w in dense]).to(norms.device, non_blocking=True)
+        out[targets] = norms[sources].to(device, torch.float32)
+    if leftover:
+        other = _torch_backend.tensor_norms(
+            [tensors[i] for i in leftover], norm_type, acc, group.device, foreach
+        )
+        out[torch.tensor(leftover).to(device)] = other.to(device, torch.float32)
+    return value if disjoint and not leftover else None
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,
+                     skip_nonfinite: bool) -> torch.Tensor:
+    """min(max_norm / (total + eps), 1) as a float32 1-element tensor on total's device;
+    1 where the total is non-finite and ``skip_nonfinite`` is set. No host synchronisation."""
+    coef = torch.clamp(max_norm / (total.float() + eps), max=1.0)
+    if skip_nonfinite:
+        coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+    return coef.reshape(1)
+
+
+def scale_(groups: list[Group], coef: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply every group's distinct storage regions in place by ``coef``."""
+    coefs = [coef.to(group.device, non_blocking=True) for group in groups]
+    for group, group_coef in zip(groups, coefs):
+        if group.spans or group.others:
+            _BACKENDS[group.backend].scale_(group, group_coef, foreach)
+
+
+def clamp_(groups: list[Group], lo: float, hi: float, foreach: bool | None) -> None:
+    """Clamp every group's distinct storage regions in place to [lo, hi]."""
+    for group in groups:
+        if group.spans or group.others:
+            _BACKENDS[group.backend].clamp_(group, lo, hi, foreach)

@@ -1,0 +1,163 @@
+"""From a list of gradients to disjoint memory spans, grouped by (device, dtype, layout).
+
+Each distinct storage region is counted and written once: dense tensors (contiguous, or any
+permutation of a contiguous block) are turned into [start, end) element intervals of their
+storage; intervals that overlap (aliases, a parameter listed twice) or touch (DDP bucket views,
+FSDP flat parameters) are merged into one span. Tensors that are not dense (a slice with a
+step, an expanded view) cannot be described by one interval: they stay tensors, are handled by
+torch ops, and are deduplicated only when they are the very same view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass
+class Group:
+    """Gradients of one (device, dtype, layout), as merged spans plus leftovers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str  # "triton" or "torch"
+    # Disjoint, nonempty spans: (storage base address, first element, numel, a tensor of that
+    # storage). Sorted by address.
+    spans: list[tuple[int, int, int, torch.Tensor]]
+    others: list[torch.Tensor]  # non-dense or sparse tensors, handled with torch ops
+    members: list[int]  # positions of this group's tensors in the input list
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def addresses(self) -> list[tuple[int, int]]:
+        """(address, numel) of every span: what a kernel launch plan is built from."""
+        size = self.element_size
+        return [(base + start * size, numel) for base, start, numel, _ in self.spans]
+
+    def views(self) -> list[torch.Tensor]:
+        """1-D tensors over the spans, for torch ops (built per call: views hold storage)."""
+        return [
+            source.detach().as_strided((numel,), (1,), start)
+            for _, start, numel, source in self.spans
+        ]
+
+
+def dense_extent(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly ``t.numel()`` consecutive elements of its storage."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its interpreter (which accepts CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
+                    layout: torch.layout) -> str:
+    """The backend for one group: see :func:`tritonclip.clip_grad_norm_` for the policy."""
+    supported = dtype in TRITON_DTYPES and layout == torch.strided
+    if requested == "torch" or (requested == "auto" and not (supported and device.type == "cuda")):
+        return "torch"
+    if requested == "auto":
+        return "triton"
+    if not supported:
+        raise ValueError(
+            f"backend='triton' handles dense float16/bfloat16/float32/float64 gradients; got "
+            f"{dtype} with layout {layout} on {device}. Use backend='auto' to route them to torch."
+        )
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return "triton"
+    raise ValueError(
+        f"backend='triton' cannot run on {device.type} tensors: Triton kernels need a CUDA "
+        "device, or CPU tensors with the interpreter enabled (TRITON_INTERPRET=1 set before "
+        "triton is imported)."
+    )
+
+
+def group_tensors(tensors: list[torch.Tensor], requested_backend: str) -> list[Group]:
+    """Group ``tensors`` by (device, dtype, layout) into merged, deduplicated spans.
+
+    Raises ValueError (before anything is launched) if a forced backend cannot take a group.
+    """
+    buckets: dict[tuple, list[int]] = {}
+    for index, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype, t.layout), []).append(index)
+    groups = []
+    for (device, dtype, layout), indices in buckets.items():
+        backend = resolve_backend(requested_backend, device, dtype, layout)
+        members = [tensors[i] for i in indices]
+        spans, others = _merge(members) if layout == torch.strided else ([], _unique(members))
+        groups.append(Group(device, dtype, backend, spans, others, indices))
+    return groups
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen, result = set(), []
+    for t in tensors:
+        key = (id(t),) if t.layout != torch.strided else (t.data_ptr(), t.shape, t.stride())
+        if key not in seen:
+            seen.add(key)
+            result.append(t)
+    return result
+
+
+def _merge(tensors: list[torch.Tensor]):
+    intervals = []
+    strided = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        if dense_extent(t):
+            base = t.data_ptr() - t.storage_offset() * t.element_size()
+            intervals.append((base, t.storage_offset(), t.storage_offset() + t.numel(), t))
+        else:
+            strided.append(t)
+    intervals.sort(key=lambda item: (item[0], item[1], item[2]))
+    spans: list[tuple[int, int, int, torch.Tensor]] = []
+    for base, start, end, t in intervals:
+        if spans and spans[-1][0] == base and start <= spans[-1][1] + spans[-1][2]:
+            last_base, last_start, last_numel, source = spans[-1]
+            new_end = max(last_start + last_numel, end)
+            spans[-1] = (last_base, last_start, new_end - last_start, source)
+        else:
+            spans.append((base, start, end - start, t))
+    return spans, _unique(strided)
+
+
+def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], bool]:
+    """Per-tensor spans for per-tensor norms.
+
+    Returns (unique dense spans, index of each tensor's span or None when the tensor is empty
+    or not dense, whether the unique spans are pairwise disjoint).
+    """
+    index_of: dict[tuple[int, int, int], int] = {}
+    spans = []
+    which: list[int | None] = []
+    for t in tensors:
+        if t.numel() == 0 or t.layout != torch.strided or not dense_extent(t):
+            which.append(None)
+            continue
+        base = t.data_ptr() - t.storage_offset() * t.element_size()
+        key = (base, t.storage_offset(), t.numel())
+        if key not in index_of:
+            index_of[key] = len(spans)
+            spans.append((base, t.storage_offset(), t.numel(), t))
+        which.append(index_of[key])
+    ordered = sorted(spans, key=lambda s: (s[0], s[1]))
+    disjoint = all(
+        a[0] != b[0] or a[1] + a[2] <= b[1] for a, b in zip(ordered, ordered[1:])
+    )
+    return spans, which, disjoint

@@ -1,0 +1,94 @@
+"""The torch backend: the same contract as the Triton backend, built from torch ops.
+
+Used for CPU tensors, complex and sparse gradients, devices Triton does not target, and, in
+every backend, for gradients that are not one dense block of memory. It still beats
+``torch.nn.utils`` on CPU where the contract allows: merged spans mean fewer tensors, the scale
+pass is skipped when the coefficient is >= 1 (reading a CPU scalar costs no synchronisation),
+and value clipping is one ``clamp_`` pass instead of ``clamp_min_`` then ``clamp_max_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+from ._groups import Group
+
+
+def use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """torch's tri-state rule: None = foreach where supported; True = required; False = loop."""
+    if foreach is None:
+        return _has_foreach_support(tensors, device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return foreach
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The elements whose norm is taken: a sparse tensor's coalesced values, else ``t``."""
+    return t.coalesce().values() if t.is_sparse else t
+
+
+def tensor_norms(tensors: list[torch.Tensor], norm_type: float, acc_dtype: torch.dtype,
+                 device: torch.device, foreach: bool | None) -> torch.Tensor:
+    """1-D tensor of each tensor's ``norm_type`` norm (count of nonzeros for 0), in acc_dtype."""
+    if not tensors:
+        return torch.zeros(0, dtype=acc_dtype, device=device)
+    tensors = [_values(t) for t in tensors]
+    dtype = None if tensors[0].is_complex() else acc_dtype
+    if use_foreach(tensors, device, foreach):
+        norms = torch._foreach_norm(tensors, norm_type, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
+    return torch.stack(norms).to(acc_dtype)
+
+
+def power_form(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Per-tensor norms -> their contribution to a total: |.|^p (max, min, count as is)."""
+    if math.isinf(norm_type) or norm_type in (0.0, 1.0):
+        return norms
+    return norms.pow(norm_type)
+
+
+def reduce_power(values: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """Combine power-form values (sum; max for inf; min for -inf) into one 0-dim tensor."""
+    if norm_type == math.inf:
+        return values.max()
+    if norm_type == -math.inf:
+        return values.min()
+    return values.sum()
+
+
+def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,
+                per_span: bool = False):
+    """(power-form value of the group, per-span norms or None), like the Triton backend."""
+    norms = tensor_norms(group.views(), norm_type, acc_dtype, group.device, foreach)
+    powers = power_form(norms, norm_type)
+    others = power_form(tensor_norms(group.others, norm_type, acc_dtype, group.device, foreach),
+                        norm_type)
+    value = reduce_power(torch.cat([powers, others]), norm_type)
+    return value, (norms if per_span else None)
+
+
+def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply the group's gradients in place by ``coef``; skipped on CPU when coef >= 1."""
+    if coef.device.type == "cpu" and not (coef.item() < 1.0 or math.isnan(coef.item())):
+        return
+    tensors = group.views() + group.others
+    if use_foreach(tensors, group.device, foreach):
+        torch._foreach_mul_(tensors, coef)
+    else:
+        for t in tensors:
+            t.mul_(coef)
+
+
+def clamp_(group: Group, lo: float, hi: float, foreach: bool | None) -> None:
+    """Clamp the group's gradients in place to [lo, hi], one read-write pass per tensor."""
+    tensors = group.views() + group.others
+    use_foreach(tensors, group.device, foreach)  # raises for foreach=True where unsupported
+    for t in tensors:
+        (t._values() if t.is_sparse else t).clamp_(lo, hi)

@@ -1,0 +1,53 @@
+"""The Triton backend: plans from the kernel package's cache, and launches over them.
+
+Gradients of a group that are not one dense block (Group.others) are handled with torch ops
+on the same device, so they are correct, though they cost an extra launch or two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritonclip import kernels
+
+from . import _torch_backend
+from ._groups import Group
+
+
+def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,
+                per_span: bool = False):
+    """(power-form value of the group, per-span norms or None): two launches (partials,
+    finalize) for the spans, plus torch ops for leftovers."""
+    plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
+    partials = kernels.norm_partials(plan, norm_type)
+    values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
+    value = values[0]
+    if group.others:
+        others = _torch_backend.power_form(
+            _torch_backend.tensor_norms(group.others, norm_type, acc_dtype, group.device, foreach),
+            norm_type,
+        )
+        value = _torch_backend.reduce_power(torch.cat([value.reshape(1), others]), norm_type)
+    per = None
+    if per_span:
+        per = values[1:]
+        if norm_type not in (0.0, 1.0) and abs(norm_type) != float("inf"):
+            per = per.pow(1.0 / norm_type)
+    return value, per
+
+
+def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
+    """One launch per alignment class; every program returns at once when coef >= 1."""
+    if group.spans:
+        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
+        kernels.scale_(plan, coef)
+    for t in group.others:
+        t.mul_(coef)
+
+
+def clamp_(group: Group, lo: float, hi: float, foreach: bool | None) -> None:
+    if group.spans:
+        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
+        kernels.clamp_(plan, lo, hi)
+    for t in group.others:
+        t.clamp_(lo, hi)

@@ -1,0 +1,221 @@
+"""Drop-in replacements for the clipping functions of ``torch.nn.utils``."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from . import _dispatch, _validate
+from ._groups import group_tensors
+
+TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+
+_NONFINITE_ERROR = (
+    "The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+    "anyway, set `error_if_nonfinite=False` (or nonfinite='skip' to leave them untouched)"
+)
+
+def _check_nonfinite(total: torch.Tensor, mode: str, norm_type: float) -> None:
+    # The only host synchronisation of the module, and only when asked for.
+    if mode == "error" and not bool(torch.isfinite(total)):
+        raise RuntimeError(_NONFINITE_ERROR.format(norm_type=norm_type))
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+    nonfinite: str = "propagate",
+    per_tensor: bool = False,
+):
+    r"""Compute the norm of an iterable of tensors, viewed as a single vector.
+
+    Same arguments and meaning as :func:`torch.nn.utils.get_total_norm`.
+
+    Args:
+        tensors (Iterable[Tensor] or Tensor): tensors (usually gradients) whose norm is taken.
+        norm_type (float or str): order of the norm: any float, ``'inf'`` or ``'-inf'``.
+            ``0`` counts the nonzero elements. Default: 2.0
+        error_if_nonfinite (bool): if True, raise ``RuntimeError`` when the norm is NaN or
+            infinite (same as ``nonfinite="error"``). Default: False
+        foreach (bool, optional): for the torch backend, use the ``torch._foreach_*`` ops
+            (``None``: where the device supports them; ``True``: raise where it does not).
+            The Triton kernels are multi-tensor whatever its value. Default: None
+        backend (str, optional): see :func:`clip_grad_norm_`.
+        nonfinite (str): ``"propagate"`` (return the non-finite norm), ``"error"`` (raise).
+            ``"skip"`` means the same as ``"propagate"`` here. Default: ``"propagate"``
+        per_tensor (bool): also return each tensor's own norm. Default: False
+
+    Returns:
+        The total norm, a float32 0-dim tensor on the first tensor's device (a CPU tensor
+        ``0.`` for empty input). With ``per_tensor=True``, a tuple ``(total, norms)`` where
+        ``norms`` is a 1-D float32 tensor holding the norm of each input tensor, in order.
+
+    Each distinct storage region is counted once: a tensor listed twice, or two views of
+    the same memory, contribute their elements once.
+    """
+    tensors = _validate.tensor_list(tensors, "tensors")
+    _validate.check_tensors(tensors, "tensors")
+    norm_type = _validate.norm_type_value(norm_type)
+    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
+    foreach = _validate.foreach_value(foreach)
+    groups = group_tensors(tensors, _validate.backend_name(backend))
+    result = _dispatch.total_norm(tensors, groups, norm_type, foreach, per_tensor=per_tensor)
+    _check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
+    return result
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: torch.Tensor | float,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+    eps: float = 1e-6,
+) -> None:
+    r"""Scale the gradients of parameters given a pre-computed total norm.
+
+    Same arguments and meaning as :func:`torch.nn.utils.clip_grads_with_norm_`:
+
+    .. math::
+        grad = grad \cdot \min\left(\frac{max\_norm}{total\_norm + eps}, 1\right)
+
+    The coefficient is computed on the device and read there by the kernels: no host
+    synchronisation, and when it is 1 the Triton scale kernel returns before touching memory.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is scaled.
+        max_norm (float): max norm of the gradients (>= 0).
+        total_norm (Tensor or float): the total norm to clip against.
+        foreach (bool, optional): see :func:`get_total_norm`.
+        backend (str, optional): see :func:`clip_grad_norm_`.
+        eps (float): added to the norm before dividing. Default: 1e-6
+    """
+    parameters = _validate.tensor_list(parameters, "parameters")
+    max_norm = _validate.nonnegative(max_norm, "max_norm")
+    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+    foreach = _validate.foreach_value(foreach)
+    grads = _validate.grads_of(parameters)
+    if not grads:
+        return
+    groups = group_tensors(grads, _validate.backend_name(backend))
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(_validate.nonnegative(total_norm, "total_norm"))
+    total_norm = total_norm.to(grads[0].device, non_blocking=True)
+    coef = _dispatch.clip_coefficient(total_norm, max_norm, eps, skip_nonfinite=False)
+    _dispatch.scale_(groups, coef, foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> torch.Tensor:
+    r"""Clip the gradient norm of an iterable of parameters.
+
+    Same arguments and meaning as :func:`torch.nn.utils.clip_grad_norm_`: the norm is taken
+    over all gradients viewed as one vector, and every gradient is scaled in place by
+
+    .. math::
+        \min\left(\frac{max\_norm}{total\_norm + eps}, 1\right)
+
+    On CUDA, with the Triton backend, this is two launches per (device, dtype) group for the
+    norm and one for the scale, with no host synchronisation (except ``nonfinite="error"``).
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is clipped; a
+            generator is consumed once. ``None`` gradients are skipped.
+        max_norm (float): max norm of the gradients (>= 0; ``inf`` never clips).
+        norm_type (float or str): order of the norm: any float, ``'inf'`` or ``'-inf'``.
+            ``0`` counts the nonzero elements of all gradients. Default: 2.0
+        error_if_nonfinite (bool): if True, raise ``RuntimeError`` (before any gradient is
+            modified) when the total norm is NaN or infinite. Default: False
+        foreach (bool, optional): see :func:`get_total_norm`. Default: None
+        backend (str, optional): ``"auto"``, ``"triton"`` or ``"torch"``. ``None`` reads
+            the environment variable ``TRITONCLIP_BACKEND`` and defaults to ``"auto"``, which
+            runs the Triton kernels on CUDA float16/bfloat16/float32/float64 dense gradients
+            and torch ops on everything else (CPU, complex, sparse, other devices).
+            ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``; otherwise it raises
+            ``ValueError`` before touching any gradient. Gradients that are not one dense
+            block of memory (e.g. ``g[:, ::2]``) are handled by torch ops in every backend.
+        eps (float): added to the norm before dividing. Default: 1e-6
+        nonfinite (str): what a NaN/inf total norm does: ``"propagate"`` scales by the
+            non-finite coefficient as torch does, ``"error"`` raises like
+            ``error_if_nonfinite=True``, ``"skip"`` leaves every gradient untouched and
+            returns the norm. Default: ``"propagate"``
+
+    Returns:
+        Total norm of the gradients (viewed as a single vector): a float32 0-dim tensor on
+        the first gradient's device.
+
+    Deliberate differences from torch:
+        * The norm is float32 whatever the gradients' dtype (torch returns it in that dtype,
+          which for bfloat16 gradients keeps only 8 bits of it).
+        * ``norm_type=0`` counts the nonzero elements of the concatenated gradients, as
+          torch's docstring says; torch's code counts the gradients that have any.
+        * A storage region shared by several gradients (a parameter listed twice, aliased
+          grads) is counted once in the norm and scaled once.
+    """
+    parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
+    max_norm = _validate.nonnegative(max_norm, "max_norm")
+    norm_type = _validate.norm_type_value(norm_type)
+    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
+    foreach = _validate.foreach_value(foreach)
+    grads = _validate.grads_of(parameters)
+    groups = group_tensors(grads, _validate.backend_name(backend))
+    total = _dispatch.total_norm(grads, groups, norm_type, foreach)
+    if not grads:
+        return total
+    _check_nonfinite(total, mode, norm_type)
+    coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+    _dispatch.scale_(groups, coef, foreach)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float | None = None,
+    foreach: bool | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    backend: str | None = None,
+) -> None:
+    r"""Clip the gradients of an iterable of parameters to a range, in place.
+
+    Same arguments and meaning as :func:`torch.nn.utils.clip_grad_value_`, with asymmetric
+    bounds as an extra: gradients are clamped to :math:`[-clip\_value, clip\_value]`, or to
+    ``[lo, hi]``. One read-write pass (torch makes two: ``clamp_min_`` then ``clamp_max_``).
+    NaN gradients stay NaN, as with ``torch.clamp``.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is clipped.
+        clip_value (float, optional): symmetric bound (>= 0). Give it, or ``lo``/``hi``.
+        foreach (bool, optional): see :func:`get_total_norm`. Default: None
+        lo (float, optional): lower bound (``-inf`` when only ``hi`` is given).
+        hi (float, optional): upper bound (``inf`` when only ``lo`` is given); ``lo <= hi``.
+        backend (str, optional): see :func:`clip_grad_norm_`.
+    """
+    parameters = _validate.tensor_list(parameters, "parameters")
+    low, high = _validate.value_bounds(clip_value, lo, hi)
+    foreach = _validate.foreach_value(foreach)
+    grads = _validate.grads_of(parameters)
+    groups = group_tensors(grads, _validate.backend_name(backend))
+    _dispatch.clamp_(groups, low, high, foreach)
