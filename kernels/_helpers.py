@@ -36,3 +36,20 @@ def chunk_bounds(
 def any_nan(x):
     """True when any element of the block ``x`` is NaN (GPU max/min reductions drop NaN)."""
     return tl.max((x != x).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def store_cast(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in DTYPE.
+
+    Triton's interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest
+    even, ``cvt.rn.bf16.f32``); with SOFT_BF16 the rounding is done here on the bits, so that
+    CPU runs under TRITON_INTERPRET=1 give the GPU's results. Compiled kernels leave it off.
+    """
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)
+    else:
+        return x.to(DTYPE)

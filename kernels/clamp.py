@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import chunk_bounds
-from .config import TL_DTYPES, compute_dtype, stream_config
+from ._helpers import chunk_bounds, store_cast
+from .config import TL_DTYPES, compute_dtype, soft_bf16_rounding, stream_config
 from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
 
 
@@ -25,6 +25,7 @@ def _clamp_kernel(
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     """g = min(max(g, lo), hi) over chunk ``pid`` of the plan; NaN stays NaN (as torch.clamp)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -36,7 +37,7 @@ def _clamp_kernel(
         mask = offs < end
         x = tl.load(base + offs, mask=mask).to(ACC)
         y = tl.minimum(tl.maximum(x, lo), hi)
-        tl.store(base + offs, tl.where(x != x, x, y).to(DTYPE), mask=mask)
+        tl.store(base + offs, store_cast(tl.where(x != x, x, y), DTYPE, SOFT_BF16), mask=mask)
 
 
 def _float64_bits(value: float) -> int:
@@ -53,5 +54,6 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
             _float64_bits(lo), _float64_bits(hi),
             DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
             CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
-            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+            VEC=VECTOR_BYTES // element_size, SOFT_BF16=soft_bf16_rounding(),
+            num_warps=num_warps,
         )

@@ -6,6 +6,8 @@ BLOCK = 4 warps * 32 threads * 4 vectors * 16 bytes / element size. That is the 
 a bandwidth-bound Triton elementwise loop; replace with a measured table when one exists.
 """
 
+import os
+
 import torch
 import triton.language as tl
 
@@ -34,3 +36,9 @@ def stream_config(dtype: torch.dtype) -> tuple[int, int]:
 def finalize_config() -> tuple[int, int]:
     """(BLOCK, num_warps) of the finalize kernel: partials are few, one warp group suffices."""
     return 1024, 4
+
+
+def soft_bf16_rounding() -> bool:
+    """Whether kernels must round to bfloat16 in software (under Triton's interpreter, whose
+    float32 -> bfloat16 conversion truncates); see ``_helpers.store_cast``."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import chunk_bounds
-from .config import TL_DTYPES, compute_dtype, stream_config
+from ._helpers import chunk_bounds, store_cast
+from .config import TL_DTYPES, compute_dtype, soft_bf16_rounding, stream_config
 from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
 
 
@@ -20,6 +20,7 @@ def _scale_kernel(
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     """g *= coef over chunk ``pid`` of the plan, unless coef >= 1 (then nothing is touched)."""
     coef = tl.load(coef_ptr)
@@ -34,7 +35,7 @@ def _scale_kernel(
         offs = off + tl.arange(0, BLOCK)
         mask = offs < end
         x = tl.load(base + offs, mask=mask)
-        tl.store(base + offs, (x.to(ACC) * coef).to(DTYPE), mask=mask)
+        tl.store(base + offs, store_cast(x.to(ACC) * coef, DTYPE, SOFT_BF16), mask=mask)
 
 
 def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
@@ -47,5 +48,6 @@ def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
             launch.table, coef, launch.n_spans, launch.n_chunks,
             DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
             CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
-            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+            VEC=VECTOR_BYTES // element_size, SOFT_BF16=soft_bf16_rounding(),
+            num_warps=num_warps,
         )

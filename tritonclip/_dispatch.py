@@ -18,21 +18,12 @@ def _accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
     return torch.float32
 
 
-def root(power: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """Power form (sum |g|^p, max, min, count) -> norm."""
-    if math.isinf(norm_type) or norm_type in (0.0, 1.0):
-        return power
-    if norm_type == 2.0:
-        return power.sqrt()
-    return power.pow(1.0 / norm_type)
-
-
 def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     """Group values (power form) -> the total norm, a float32 0-dim tensor on ``device``."""
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
     moved = [v.to(device=device, dtype=dtype, non_blocking=True) for v in values]
     power = moved[0] if len(moved) == 1 else _torch_backend.reduce_power(torch.stack(moved), norm_type)
-    return root(power, norm_type).to(torch.float32)
+    return _torch_backend.root(power, norm_type).to(torch.float32)
 
 
 def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
@@ -87,12 +78,13 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
 
 def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,
                      skip_nonfinite: bool) -> torch.Tensor:
-    """min(max_norm / (total + eps), 1) as a float32 1-element tensor on total's device;
+    """min(max_norm / (total + eps), 1) as a float32 0-dim tensor on total's device (0-dim so
+    that torch ops scale a float16 gradient in float32 and keep its dtype, as the kernels do);
     1 where the total is non-finite and ``skip_nonfinite`` is set. No host synchronisation."""
     coef = torch.clamp(max_norm / (total.float() + eps), max=1.0)
     if skip_nonfinite:
         coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
-    return coef.reshape(1)
+    return coef
 
 
 def scale_(groups: list[Group], coef: torch.Tensor, foreach: bool | None) -> None:

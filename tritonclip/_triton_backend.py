@@ -17,23 +17,23 @@ from ._groups import Group
 def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,
                 per_span: bool = False):
     """(power-form value of the group, per-span norms or None): two launches (partials,
-    finalize) for the spans, plus torch ops for leftovers."""
-    plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
-    partials = kernels.norm_partials(plan, norm_type)
-    values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
-    value = values[0]
-    if group.others:
-        others = _torch_backend.power_form(
-            _torch_backend.tensor_norms(group.others, norm_type, acc_dtype, group.device, foreach),
-            norm_type,
-        )
-        value = _torch_backend.reduce_power(torch.cat([value.reshape(1), others]), norm_type)
+    finalize) for the spans, plus torch ops for the leftovers."""
+    parts = []
     per = None
-    if per_span:
-        per = values[1:]
-        if norm_type not in (0.0, 1.0) and abs(norm_type) != float("inf"):
-            per = per.pow(1.0 / norm_type)
-    return value, per
+    if group.spans:
+        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
+        partials = kernels.norm_partials(plan, norm_type)
+        values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
+        parts.append(values[:1])
+        if per_span:
+            per = _torch_backend.root(values[1:], norm_type)
+    if group.others:
+        norms = _torch_backend.tensor_norms(group.others, norm_type, acc_dtype, group.device,
+                                            foreach)
+        parts.append(_torch_backend.power_form(norms, norm_type))
+    if len(parts) == 1 and not group.others:
+        return parts[0][0], per
+    return _torch_backend.reduce_power(torch.cat(parts), norm_type), per
 
 
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:

@@ -1,0 +1,46 @@
+"""Plain float64 references of the clipping formulas, imported by tests and benchmarks.
+
+They compute exactly what the documentation promises (including tritonclip's deliberate
+differences from torch) on inputs upcast to float64, one tensor at a time, with no fusion and
+no deduplication: callers pass each storage region once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Norm of the concatenation of ``tensors`` in float64; ``0`` counts nonzero elements."""
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors if t.numel() > 0]
+    if not flat:
+        return torch.tensor(0.0, dtype=torch.float64)
+    vector = torch.cat([f.cpu() for f in flat])
+    if norm_type == 0:
+        return (vector != 0).sum().to(torch.float64)
+    return torch.linalg.vector_norm(vector, norm_type)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """min(max_norm / (total + eps), 1) in float64."""
+    return torch.clamp(max_norm / (total.to(torch.float64) + eps), max=1.0)
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(total norm, clipped copies of ``grads``) in float64."""
+    total = total_norm(grads, norm_type)
+    coef = clip_coefficient(total, max_norm, eps)
+    return total, [g.detach().cpu().to(torch.float64) * coef for g in grads]
+
+
+def clip_grad_value(grads: list[torch.Tensor], lo: float, hi: float) -> list[torch.Tensor]:
+    """Clamped float64 copies of ``grads`` (NaN stays NaN)."""
+    out = []
+    for g in grads:
+        x = g.detach().cpu().to(torch.float64)
+        out.append(torch.where(torch.isnan(x), x, x.clamp(min=lo if lo > -math.inf else None,
+                                                          max=hi if hi < math.inf else None)))
+    return out
