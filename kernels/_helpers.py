@@ -3,13 +3,14 @@
 import triton
 import triton.language as tl
 
-# Norm modes (constexpr NORM). Numbers are part of the kernels' contract with the launchers.
-NORM_SUM_SQUARES = 0  # p = 2: sum g^2
-NORM_SUM_ABS = 1  # p = 1: sum |g|
-NORM_SUM_POW = 2  # any other p != 0: sum |g|^p
-NORM_MAX = 3  # p = inf: max |g|
-NORM_MIN = 4  # p = -inf: min |g|
-NORM_COUNT = 5  # p = 0: number of nonzero elements
+# Norm modes (constexpr NORM). tl.constexpr so that kernels may read them as globals;
+# launchers pass ``.value``.
+NORM_SUM_SQUARES = tl.constexpr(0)  # p = 2: sum g^2
+NORM_SUM_ABS = tl.constexpr(1)  # p = 1: sum |g|
+NORM_SUM_POW = tl.constexpr(2)  # any other p != 0: sum |g|^p
+NORM_MAX = tl.constexpr(3)  # p = inf: max |g|
+NORM_MIN = tl.constexpr(4)  # p = -inf: min |g|
+NORM_COUNT = tl.constexpr(5)  # p = 0: number of nonzero elements
 
 
 @triton.jit

@@ -122,16 +122,18 @@ def _finalize_kernel(
 def norm_mode(norm_type: float) -> int:
     """The kernel's NORM constant for a (validated, float) norm order."""
     if norm_type == 2.0:
-        return NORM_SUM_SQUARES
-    if norm_type == 1.0:
-        return NORM_SUM_ABS
-    if norm_type == float("inf"):
-        return NORM_MAX
-    if norm_type == float("-inf"):
-        return NORM_MIN
-    if norm_type == 0.0:
-        return NORM_COUNT
-    return NORM_SUM_POW
+        mode = NORM_SUM_SQUARES
+    elif norm_type == 1.0:
+        mode = NORM_SUM_ABS
+    elif norm_type == float("inf"):
+        mode = NORM_MAX
+    elif norm_type == float("-inf"):
+        mode = NORM_MIN
+    elif norm_type == 0.0:
+        mode = NORM_COUNT
+    else:
+        mode = NORM_SUM_POW
+    return mode.value
 
 
 def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
@@ -155,7 +157,7 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
         _norm_partials_kernel[(launch.n_chunks,)](
             launch.table, partials,
             launch.n_spans, launch.n_chunks, launch.partial_offset,
-            float(norm_type) if mode == NORM_SUM_POW else 1.0,
+            float(norm_type) if mode == NORM_SUM_POW.value else 1.0,
             DTYPE=TL_DTYPES[plan.dtype],
             ACC=TL_DTYPES[compute_dtype(plan.dtype)],
             NORM=mode, CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,

@@ -1,0 +1,106 @@
+"""Compile every kernel specialization the dispatcher can launch for a GPU target, on a
+machine without a GPU, and report what the SASS and resource usage say.
+
+Run as a script (``python tests/codegen.py 80 90``) with TRITON_INTERPRET unset: it prints
+one JSON object, {name: {"ldg128": ..., "stg128": ..., "local": ..., "registers": ...,
+"bf16_cvt_modes": [...]}}. tests/test_codegen.py runs it in a subprocess, because kernels that the
+interpreter has wrapped cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tritonclip.kernels import clamp, norm, scale
+from tritonclip.kernels.config import TL_DTYPES, compute_dtype, finalize_config, stream_config
+from tritonclip.kernels.plan import CHUNK, VECTOR_BYTES
+
+_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_NORMS = {"sumsq": 2.0, "sumabs": 1.0, "sumpow": 3.5, "max": float("inf"), "min": float("-inf"),
+          "count": 0.0}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def specializations():
+    """(name, kernel, signature, constexprs, num_warps) for every launchable variant."""
+    for dtype in _TYPE:
+        block, warps = stream_config(dtype)
+        vec = VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+        acc = TL_DTYPES[compute_dtype(dtype)]
+        for aligned in (True, False):
+            common = dict(DTYPE=TL_DTYPES[dtype], ACC=acc, CHUNK=CHUNK, BLOCK=block,
+                          ALIGNED=aligned, VEC=vec)
+            tag = f"{_TYPE[dtype]}-{'aligned' if aligned else 'unaligned'}"
+            for norm_name, norm_type in _NORMS.items():
+                partials = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
+                yield (f"norm_partials-{norm_name}-{tag}", norm._norm_partials_kernel,
+                       {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i64",
+                        "n_chunks": "i64", "partial_offset": "i64", "p": "fp32"},
+                       dict(common, NORM=norm.norm_mode(norm_type)), warps)
+            yield (f"scale-{tag}", scale._scale_kernel,
+                   {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i64", "n_chunks": "i64"},
+                   dict(common, SOFT_BF16=False), warps)
+            yield (f"clamp-{tag}", clamp._clamp_kernel,
+                   {"table_ptr": "*i64", "n_spans": "i64", "n_chunks": "i64", "lo_bits": "i64",
+                    "hi_bits": "i64"},
+                   dict(common, SOFT_BF16=False), warps)
+    block, warps = finalize_config()
+    for norm_name, norm_type in _NORMS.items():
+        for partials in ("fp32", "fp64"):
+            if norm_name == "count" and partials == "fp32":
+                continue
+            yield (f"finalize-{norm_name}-{partials}", norm._finalize_kernel,
+                   {"partials_ptr": f"*{partials}", "segments_ptr": "*i64", "out_ptr": f"*{partials}"},
+                   dict(NORM=norm.norm_mode(norm_type), BLOCK=block), warps)
+
+
+def _tool(name, *args):
+    return subprocess.run([os.path.join(_BIN, name), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) -> dict:
+    signature = dict(signature, **{key: "constexpr" for key in constexprs})
+    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
+    # torch's allocations are at least 16-byte aligned; the launcher specializes on it.
+    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = _tool("cuobjdump", "-sass", f.name)
+        usage = _tool("cuobjdump", "-res-usage", f.name)
+    return {
+        "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass)),
+        "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
+        "local": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        # float32 -> bfloat16 conversions, by rounding mode (rn: to nearest even)
+        "bf16_cvt_modes": sorted(set(re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", compiled.asm["ptx"]))),
+    }
+
+
+def main(archs: list[int]) -> None:
+    report = {}
+    for arch in archs:
+        for name, kernel, signature, constexprs, num_warps in specializations():
+            report[f"sm{arch}/{name}"] = compile_report(arch, name, kernel, signature,
+                                                        constexprs, num_warps)
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [80, 90])

@@ -1,0 +1,125 @@
+"""The kernels and plans directly: partials written everywhere, alignment routing, plan-cache
+reuse without host-to-device copies, and bitwise determinism."""
+
+import math
+
+import pytest
+import torch
+
+import tritonclip
+from helpers import DTYPE_IDS, DTYPES, params_with, poisoned, random_grads
+from tritonclip import kernels
+from tritonclip.kernels import plan as plan_module
+
+pytestmark = pytest.mark.interpreter
+
+
+def _spans(tensors):
+    return [(t.data_ptr(), t.numel()) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_misaligned_views_take_the_unaligned_launch(dtype):
+    flat = torch.zeros(2048, dtype=dtype)
+    vec = 16 // flat.element_size()
+    aligned = flat[:1024]
+    misaligned_pointer = flat[1:1001]
+    odd_length = flat[1024:1024 + vec * 10 + 1]
+    plan = kernels.plan_cache.get(_spans([aligned, misaligned_pointer, odd_length]),
+                                  flat.device, dtype, per_span=True)
+    by_kind = {launch.aligned: launch for launch in plan.launches}
+    assert by_kind[True].n_spans == 1 and by_kind[False].n_spans == 2
+    table = by_kind[True].table
+    assert table[0].item() == aligned.data_ptr()
+    unaligned_table = by_kind[False].table
+    assert {unaligned_table[0].item(), unaligned_table[1].item()} == {
+        misaligned_pointer.data_ptr(), odd_length.data_ptr()}
+    assert kernels.is_vector_aligned(aligned.data_ptr(), 1024, flat.element_size())
+    assert not kernels.is_vector_aligned(misaligned_pointer.data_ptr(), 1000, flat.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_mixed_alignment_gives_reference_results(dtype):
+    flat = random_grads([3000], dtype)[0]
+    views = [flat[1:1001], flat[1008:2008], flat[2010:2999]]
+    total, norms = tritonclip.get_total_norm(views, backend="triton", per_tensor=True)
+    expected = [torch.linalg.vector_norm(v.double()) for v in views]
+    torch.testing.assert_close(norms.double(), torch.stack(expected), rtol=1e-5, atol=0)
+
+
+def test_every_partial_and_output_is_written():
+    grads = random_grads([70000, 5, 131072, 1], torch.float32)
+    plan = kernels.plan_cache.get(_spans(grads), grads[0].device, torch.float32, per_span=True)
+    assert plan.n_partials == 2 + 1 + 2 + 1
+    for norm_type in (2.0, math.inf, -math.inf, 0.0, 0.5):
+        partials = kernels.norm_partials(plan, norm_type)
+        assert not partials.isnan().any()  # torch.empty gives garbage; NaN would show up
+        out = kernels.finalize(plan, partials, norm_type)
+        assert out.shape == (1 + len(grads),) and not out.isnan().any()
+    # Poisoned buffers through the launchers' own allocation path:
+    original_empty = torch.empty
+    try:
+        torch.empty = lambda *a, **k: original_empty(*a, **k).fill_(float("nan"))
+        partials = kernels.norm_partials(plan, 2.0)
+        out = kernels.finalize(plan, partials, 2.0)
+    finally:
+        torch.empty = original_empty
+    assert not partials.isnan().any() and not out.isnan().any()
+
+
+def test_chunk_boundaries_are_exact():
+    chunk = kernels.CHUNK
+    sizes = [chunk - 1, chunk, chunk + 1]
+    grads = [torch.ones(n) for n in sizes]
+    plan = kernels.plan_cache.get(_spans(grads), grads[0].device, torch.float32, per_span=True)
+    out = kernels.finalize(plan, kernels.norm_partials(plan, 1.0), 1.0)
+    assert out.tolist() == [float(sum(sizes))] + [float(n) for n in sizes]
+
+
+def test_scale_skips_memory_when_coefficient_is_one():
+    g = random_grads([100], torch.float32)[0]
+    plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
+    before = g.clone()
+    kernels.scale_(plan, torch.tensor([1.0]))
+    assert torch.equal(g, before)
+    kernels.scale_(plan, torch.tensor([float("nan")]))  # NaN propagates, as in torch
+    assert g.isnan().all()
+
+
+def test_second_call_builds_no_plan_and_copies_nothing(monkeypatch):
+    grads = random_grads([100, 4097, 3], torch.float32)
+    params = params_with(grads)
+    tritonclip.clip_grad_norm_(params, 0.1, backend="triton")
+    assert kernels.plan_cache.builds == 1  # norm and scale share one plan
+    # Building a table is the only place that makes a host tensor to copy to the device.
+    monkeypatch.setattr(plan_module.torch, "tensor",
+                        lambda *a, **k: pytest.fail("plan table rebuilt"))
+    tritonclip.clip_grad_norm_(params, 0.1, backend="triton")
+    tritonclip.clip_grad_value_(params, 0.1, backend="triton")
+    assert kernels.plan_cache.builds == 1
+    assert kernels.plan_cache.hits >= 3
+
+
+def test_plan_cache_is_bounded():
+    cache = plan_module.PlanCache(maxsize=2)
+    for n in (1, 2, 3):
+        cache.get([(0, n)], torch.device("cpu"), torch.float32)
+    assert cache.builds == 3 and len(cache._plans) == 2
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 0.5, math.inf], ids=["2", "0.5", "inf"])
+def test_bitwise_deterministic_across_runs(norm_type):
+    grads = random_grads([70000, 4097, 63] * 3, torch.bfloat16, seed=9)
+    first = tritonclip.get_total_norm(grads, norm_type, backend="triton", per_tensor=True)
+    kernels.plan_cache.clear()
+    second = tritonclip.get_total_norm(grads, norm_type, backend="triton", per_tensor=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_nonzero_count_is_exact_past_float32_integers():
+    # 2**24 + 1 is not a float32: counts are kept as integers, then float64.
+    plan = kernels.plan_cache.get([(torch.ones(1).data_ptr(), 1)], torch.device("cpu"),
+                                  torch.float32)
+    assert kernels.accumulation_dtype(torch.float32, 0.0) == torch.float64
+    partials = kernels.norm_partials(plan, 0.0)
+    assert partials.dtype == torch.float64
