@@ -16,7 +16,10 @@ test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/gpu
 
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-group-by=param:case --benchmark-columns=min,median,mean,rounds
+	mkdir -p bench-out
+	$(PY) -m pytest -q bench -p no:randomly --benchmark-only --benchmark-columns=median,min,max,rounds \
+		--benchmark-sort=name --benchmark-json=bench-out/benchmark.json
+	$(PY) bench/report.py bench-out/benchmark.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

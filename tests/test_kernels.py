@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tritonclip
-from helpers import DTYPE_IDS, DTYPES, params_with, poisoned, random_grads
+from helpers import DTYPE_IDS, DTYPES, params_with, random_grads
 from tritonclip import kernels
 from tritonclip.kernels import plan as plan_module
 

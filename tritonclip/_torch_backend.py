@@ -33,6 +33,25 @@ def _values(t: torch.Tensor) -> torch.Tensor:
     return t.coalesce().values() if t.is_sparse else t
 
 
+# On CPU, torch's norm of one long float32 tensor accumulates in few lanes: a 38.6M-element
+# norm came out 2.7e-3 too small (p=2, torch 2.13, 2 cores). Taken as rows of 16384 elements
+# whose norms are combined in float64, it is within 2e-8, in the same 5.7 ms.
+_CPU_ROW = 16384
+
+
+def _long_norm(t: torch.Tensor, norm_type: float, dtype) -> torch.Tensor:
+    """Norm of a long contiguous CPU tensor as rows of _CPU_ROW combined in float64."""
+    flat = t.reshape(-1)
+    n_rows = flat.numel() // _CPU_ROW
+    parts = [torch.linalg.vector_norm(flat[: n_rows * _CPU_ROW].view(n_rows, _CPU_ROW),
+                                      norm_type, dim=1, dtype=dtype)]
+    if flat.numel() > n_rows * _CPU_ROW:
+        parts.append(torch.linalg.vector_norm(flat[n_rows * _CPU_ROW:], norm_type,
+                                              dtype=dtype).reshape(1))
+    powers = power_form(torch.cat(parts).to(torch.float64), norm_type)
+    return root(reduce_power(powers, norm_type), norm_type)
+
+
 def tensor_norms(tensors: list[torch.Tensor], norm_type: float, acc_dtype: torch.dtype,
                  device: torch.device, foreach: bool | None) -> torch.Tensor:
     """1-D tensor of each tensor's ``norm_type`` norm (count of nonzeros for 0), in acc_dtype."""
@@ -46,11 +65,24 @@ def tensor_norms(tensors: list[torch.Tensor], norm_type: float, acc_dtype: torch
         dtype = torch.float64
     if tensors[0].is_complex():
         dtype = None  # the norm of a complex tensor is real; torch picks its dtype
-    if use_foreach(tensors, device, foreach):
-        norms = torch._foreach_norm(tensors, norm_type, dtype=dtype)
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    short = []
+    for i, t in enumerate(tensors):
+        if device.type == "cpu" and t.numel() > 2 * _CPU_ROW and t.is_contiguous():
+            norms[i] = _long_norm(t, norm_type, dtype)
+        else:
+            short.append(i)
+    if short:
+        batch = [tensors[i] for i in short]
+        if use_foreach(batch, device, foreach):
+            computed = torch._foreach_norm(batch, norm_type, dtype=dtype)
+        else:
+            computed = [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in batch]
+        for i, value in zip(short, computed):
+            norms[i] = value
     else:
-        norms = [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
-    return torch.stack(norms).to(acc_dtype)
+        use_foreach(tensors, device, foreach)  # raises for foreach=True where unsupported
+    return torch.stack([n.to(acc_dtype) for n in norms])
 
 
 def power_form(norms: torch.Tensor, norm_type: float) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The same conformance on CUDA with compiled kernels, no host synchronisation, and int64
+offsets. Run with `make test-gpu` (TRITON_INTERPRET=0); skipped without CUDA."""
+
+import math
+
+import pytest
+import torch
+
+import tritonclip
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    NORM_TYPES,
+    applied_coefficient,
+    assert_norm_close,
+    assert_scaled_once,
+    params_with,
+    random_grads,
+)
+from tritonclip import kernels, reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_conformance_on_cuda(dtype, norm_type):
+    sizes = [1, 63, 0, 4097, 70001, 1 << 20]
+    grads = random_grads(sizes, dtype, device="cuda", seed=1)
+    grads.append(random_grads([5000], dtype, device="cuda")[0][3:4003])  # misaligned view
+    before = [g.clone() for g in grads]
+    max_norm = 1e-3
+    total = tritonclip.clip_grad_norm_(params_with(grads), max_norm, norm_type, backend="auto")
+    assert total.device.type == "cuda"
+    ref = reference.total_norm(before, norm_type)
+    assert_norm_close(total.cpu(), ref)
+    coef = applied_coefficient(total, max_norm)
+    for g, b in zip(grads, before):
+        assert_scaled_once(g, b, coef)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_value_clip_on_cuda(dtype):
+    grads = random_grads([4097, 70001, 3], dtype, device="cuda")
+    before = [g.clone() for g in grads]
+    tritonclip.clip_grad_value_(params_with(grads), lo=-0.2, hi=0.5)
+    for g, b in zip(grads, before):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        assert torch.equal(g, b.to(compute).clamp(-0.2, 0.5).to(dtype))
+
+
+def test_no_host_synchronisation_in_steady_state():
+    grads = random_grads([4097, 1 << 20, 63], torch.bfloat16, device="cuda")
+    params = params_with(grads)
+    tritonclip.clip_grad_norm_(params, 1.0)  # builds and caches the plan
+    tritonclip.clip_grad_value_(params, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for norm_type in (2.0, math.inf):
+            tritonclip.clip_grad_norm_(params, 1.0, norm_type)
+        tritonclip.clip_grad_norm_(params, 1.0, nonfinite="skip")
+        tritonclip.clip_grad_value_(params, 1.0)
+        tritonclip.get_total_norm([p.grad for p in params])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kernels.plan_cache.builds == 1
+
+
+def test_tensor_larger_than_int32_indexing():
+    n = 2**31 + 4099
+    try:
+        g = torch.zeros(n, dtype=torch.float16, device="cuda")
+    except torch.OutOfMemoryError:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    g[-3:] = 2.0  # only the far end is nonzero: int32 offsets would miss or wrap
+    g[0] = 1.0
+    total = tritonclip.clip_grad_norm_(params_with([g]), 1.0, norm_type=1.0)
+    assert float(total) == 7.0
+    assert float(g[-1]) == pytest.approx(2.0 / 7.0, rel=1e-3)
+    assert float(g[0]) == pytest.approx(1.0 / 7.0, rel=1e-3)
