@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import struct
 
-import torch
 import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
-from .config import TL_DTYPES, compute_dtype, soft_bf16_rounding, stream_config
-from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+from .config import soft_bf16_rounding, stream_meta
+from .plan import LaunchPlan
 
 
-@triton.jit
+# Neither sizes nor bound bits are specialized (bits of 1 would become a constexpr, and
+# each new bound would compile anew).
+@triton.jit(do_not_specialize=["n_spans", "n_chunks", "lo_bits", "hi_bits"])
 def _clamp_kernel(
     # pointers
     table_ptr,
@@ -30,6 +31,7 @@ def _clamp_kernel(
     """g = min(max(g, lo), hi) over chunk ``pid`` of the plan; NaN stays NaN (as torch.clamp)."""
     pid = tl.program_id(0).to(tl.int64)
     base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
+    # A bound whose bits fit in 32 bits (0.0) arrives as i32: widen before the bitcast.
     lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     for off in range(start, end, BLOCK):
@@ -46,14 +48,10 @@ def _float64_bits(value: float) -> int:
 
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite)."""
-    block, num_warps = stream_config(plan.dtype)
-    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    meta = stream_meta(plan.dtype)
     for launch in plan.launches:
         _clamp_kernel[(launch.n_chunks,)](
             launch.table, launch.n_spans, launch.n_chunks,
             _float64_bits(lo), _float64_bits(hi),
-            DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
-            CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
-            VEC=VECTOR_BYTES // element_size, SOFT_BF16=soft_bf16_rounding(),
-            num_warps=num_warps,
+            ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
         )

@@ -11,6 +11,8 @@ import os
 import torch
 import triton.language as tl
 
+from .plan import CHUNK, VECTOR_BYTES
+
 TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -29,8 +31,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def stream_config(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK elements per loop iteration, num_warps) of the streaming kernels."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return _BYTES_PER_ITERATION // element_size, _NUM_WARPS
+    return _BYTES_PER_ITERATION // dtype.itemsize, _NUM_WARPS
+
+
+def stream_meta(dtype: torch.dtype) -> dict:
+    """Meta-parameters shared by the streaming kernels (norm partials, scale, clamp) for
+    gradients of ``dtype``; the caller adds ALIGNED (per launch) and kernel-specific ones."""
+    block, num_warps = stream_config(dtype)
+    return dict(DTYPE=TL_DTYPES[dtype], ACC=TL_DTYPES[compute_dtype(dtype)], CHUNK=CHUNK,
+                BLOCK=block, VEC=VECTOR_BYTES // dtype.itemsize, num_warps=num_warps)
 
 
 def finalize_config() -> tuple[int, int]:

@@ -25,11 +25,12 @@ from ._helpers import (
     any_nan,
     chunk_bounds,
 )
-from .config import TL_DTYPES, compute_dtype, finalize_config, stream_config
-from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+from .config import finalize_config, stream_meta
+from .plan import LaunchPlan
 
 
-@triton.jit
+# Sizes are not specialized: one compilation per (dtype, norm, alignment) serves every model.
+@triton.jit(do_not_specialize=["n_spans", "n_chunks", "partial_offset"])
 def _norm_partials_kernel(
     # pointers
     table_ptr, partials_ptr,
@@ -151,17 +152,13 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
     acc_dtype = accumulation_dtype(plan.dtype, norm_type)
     partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=plan.device)
     mode = norm_mode(norm_type)
-    block, num_warps = stream_config(plan.dtype)
-    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    meta = stream_meta(plan.dtype)
     for launch in plan.launches:
         _norm_partials_kernel[(launch.n_chunks,)](
             launch.table, partials,
             launch.n_spans, launch.n_chunks, launch.partial_offset,
             float(norm_type) if mode == NORM_SUM_POW.value else 1.0,
-            DTYPE=TL_DTYPES[plan.dtype],
-            ACC=TL_DTYPES[compute_dtype(plan.dtype)],
-            NORM=mode, CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
-            VEC=VECTOR_BYTES // element_size, num_warps=num_warps,
+            NORM=mode, ALIGNED=launch.aligned, **meta,
         )
     return partials
 

@@ -72,7 +72,7 @@ def _build(
     dtype: torch.dtype,
     per_span: bool,
 ) -> LaunchPlan:
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     classes = {True: [], False: []}
     for index, (address, numel) in enumerate(spans):
         if numel > 0:

@@ -7,11 +7,12 @@ import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
-from .config import TL_DTYPES, compute_dtype, soft_bf16_rounding, stream_config
-from .plan import CHUNK, VECTOR_BYTES, LaunchPlan
+from .config import soft_bf16_rounding, stream_meta
+from .plan import LaunchPlan
 
 
-@triton.jit
+# Sizes are not specialized: one compilation per (dtype, alignment) serves every model.
+@triton.jit(do_not_specialize=["n_spans", "n_chunks"])
 def _scale_kernel(
     # pointers
     table_ptr, coef_ptr,
@@ -41,13 +42,9 @@ def _scale_kernel(
 def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
     """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
     plan's device); a coefficient >= 1 leaves the memory untouched."""
-    block, num_warps = stream_config(plan.dtype)
-    element_size = torch.empty((), dtype=plan.dtype).element_size()
+    meta = stream_meta(plan.dtype)
     for launch in plan.launches:
         _scale_kernel[(launch.n_chunks,)](
             launch.table, coef, launch.n_spans, launch.n_chunks,
-            DTYPE=TL_DTYPES[plan.dtype], ACC=TL_DTYPES[compute_dtype(plan.dtype)],
-            CHUNK=CHUNK, BLOCK=block, ALIGNED=launch.aligned,
-            VEC=VECTOR_BYTES // element_size, SOFT_BF16=soft_bf16_rounding(),
-            num_warps=num_warps,
+            ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
         )

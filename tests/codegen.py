@@ -22,8 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritonclip.kernels import clamp, norm, scale
-from tritonclip.kernels.config import TL_DTYPES, compute_dtype, finalize_config, stream_config
-from tritonclip.kernels.plan import CHUNK, VECTOR_BYTES
+from tritonclip.kernels.config import finalize_config, stream_meta
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _NORMS = {"sumsq": 2.0, "sumabs": 1.0, "sumpow": 3.5, "max": float("inf"), "min": float("-inf"),
@@ -34,12 +33,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 def specializations():
     """(name, kernel, signature, constexprs, num_warps) for every launchable variant."""
     for dtype in _TYPE:
-        block, warps = stream_config(dtype)
-        vec = VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
-        acc = TL_DTYPES[compute_dtype(dtype)]
+        meta = stream_meta(dtype)
+        warps = meta.pop("num_warps")
         for aligned in (True, False):
-            common = dict(DTYPE=TL_DTYPES[dtype], ACC=acc, CHUNK=CHUNK, BLOCK=block,
-                          ALIGNED=aligned, VEC=vec)
+            common = dict(meta, ALIGNED=aligned)
             tag = f"{_TYPE[dtype]}-{'aligned' if aligned else 'unaligned'}"
             for norm_name, norm_type in _NORMS.items():
                 partials = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
@@ -54,6 +51,12 @@ def specializations():
                    {"table_ptr": "*i64", "n_spans": "i64", "n_chunks": "i64", "lo_bits": "i64",
                     "hi_bits": "i64"},
                    dict(common, SOFT_BF16=False), warps)
+            if dtype == torch.float32:
+                # A bound of 0.0 has bits 0, which Triton passes as i32.
+                yield (f"clamp-{tag}-zero-bound", clamp._clamp_kernel,
+                       {"table_ptr": "*i64", "n_spans": "i64", "n_chunks": "i64",
+                        "lo_bits": "i32", "hi_bits": "i64"},
+                       dict(common, SOFT_BF16=False), warps)
     block, warps = finalize_config()
     for norm_name, norm_type in _NORMS.items():
         for partials in ("fp32", "fp64"):

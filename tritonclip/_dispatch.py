@@ -71,7 +71,8 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
         other = _torch_backend.tensor_norms(
             [tensors[i] for i in leftover], norm_type, acc, group.device, foreach
         )
-        out[torch.tensor(leftover).to(device)] = other.to(device, torch.float32)
+        out[torch.tensor(leftover).to(device, non_blocking=True)] = other.to(
+            device, torch.float32, non_blocking=True)
     return value if disjoint and not leftover else None
 
 

@@ -33,7 +33,7 @@ class Group:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def addresses(self) -> list[tuple[int, int]]:
         """(address, numel) of every span: what a kernel launch plan is built from."""
