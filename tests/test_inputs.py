@@ -223,7 +223,7 @@ def test_auto_backend_uses_torch_on_cpu():
 
 def test_complex_and_sparse_grads_on_torch_backend():
     c = torch.randn(7, dtype=torch.complex64)
-    sparse = torch.sparse_coo_tensor([[0, 2, 2]], [1.0, 2.0, 2.0], (4,))
+    sparse = torch.sparse_coo_tensor([[0, 2, 2]], [1.0, 2.0, 2.0], (4,), check_invariants=True)
     dense = torch.randn(5)
     total = tritonclip.get_total_norm([c, sparse, dense])
     expected = torch.linalg.vector_norm(torch.cat([c.abs().double(), torch.tensor([1.0, 4.0]).double(), dense.double()]))

@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Span(NamedTuple):
+    """``numel`` consecutive elements of one storage, from element ``start``."""
+
+    base: int  # address of the storage's element 0
+    start: int
+    numel: int
+    source: torch.Tensor  # a tensor of that storage
+    whole: bool  # the span is exactly ``source``, which is contiguous: use it as is
 
 
 @dataclasses.dataclass
@@ -25,9 +36,7 @@ class Group:
     device: torch.device
     dtype: torch.dtype
     backend: str  # "triton" or "torch"
-    # Disjoint, nonempty spans: (storage base address, first element, numel, a tensor of that
-    # storage). Sorted by address.
-    spans: list[tuple[int, int, int, torch.Tensor]]
+    spans: list[Span]  # disjoint and nonempty
     others: list[torch.Tensor]  # non-dense or sparse tensors, handled with torch ops
     members: list[int]  # positions of this group's tensors in the input list
 
@@ -38,13 +47,13 @@ class Group:
     def addresses(self) -> list[tuple[int, int]]:
         """(address, numel) of every span: what a kernel launch plan is built from."""
         size = self.element_size
-        return [(base + start * size, numel) for base, start, numel, _ in self.spans]
+        return [(s.base + s.start * size, s.numel) for s in self.spans]
 
     def views(self) -> list[torch.Tensor]:
-        """1-D tensors over the spans, for torch ops (built per call: views hold storage)."""
+        """Tensors over the spans, for torch ops (built per call: views hold storage)."""
         return [
-            source.detach().as_strided((numel,), (1,), start)
-            for _, start, numel, source in self.spans
+            s.source if s.whole else s.source.detach().as_strided((s.numel,), (1,), s.start)
+            for s in self.spans
         ]
 
 
@@ -114,26 +123,31 @@ def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-def _merge(tensors: list[torch.Tensor]):
+def _merge(tensors: list[torch.Tensor]) -> tuple[list[Span], list[torch.Tensor]]:
     intervals = []
     strided = []
-    for t in tensors:
-        if t.numel() == 0:
+    for index, t in enumerate(tensors):
+        numel = t.numel()
+        if numel == 0:
             continue
-        if dense_extent(t):
-            base = t.data_ptr() - t.storage_offset() * t.element_size()
-            intervals.append((base, t.storage_offset(), t.storage_offset() + t.numel(), t))
+        contiguous = t.is_contiguous()
+        if contiguous or dense_extent(t):
+            start = t.storage_offset()
+            base = t.data_ptr() - start * t.element_size()
+            # index breaks ties so that tensors are never compared
+            intervals.append((base, start, start + numel, index, t, contiguous))
         else:
             strided.append(t)
-    intervals.sort(key=lambda item: (item[0], item[1], item[2]))
-    spans: list[tuple[int, int, int, torch.Tensor]] = []
-    for base, start, end, t in intervals:
-        if spans and spans[-1][0] == base and start <= spans[-1][1] + spans[-1][2]:
-            last_base, last_start, last_numel, source = spans[-1]
-            new_end = max(last_start + last_numel, end)
-            spans[-1] = (last_base, last_start, new_end - last_start, source)
+    intervals.sort()
+    spans: list[Span] = []
+    for base, start, end, _, t, contiguous in intervals:
+        last = spans[-1] if spans else None
+        if last is not None and last.base == base and start <= last.start + last.numel:
+            # Overlapping or touching: extend the last span (a contained one changes nothing).
+            if end > last.start + last.numel:
+                spans[-1] = Span(base, last.start, end - last.start, last.source, False)
         else:
-            spans.append((base, start, end - start, t))
+            spans.append(Span(base, start, end - start, t, contiguous))
     return spans, _unique(strided)
 
 
@@ -154,10 +168,10 @@ def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], b
         key = (base, t.storage_offset(), t.numel())
         if key not in index_of:
             index_of[key] = len(spans)
-            spans.append((base, t.storage_offset(), t.numel(), t))
+            spans.append(Span(base, t.storage_offset(), t.numel(), t, t.is_contiguous()))
         which.append(index_of[key])
-    ordered = sorted(spans, key=lambda s: (s[0], s[1]))
+    ordered = sorted(spans, key=lambda s: (s.base, s.start))
     disjoint = all(
-        a[0] != b[0] or a[1] + a[2] <= b[1] for a, b in zip(ordered, ordered[1:])
+        a.base != b.base or a.start + a.numel <= b.start for a, b in zip(ordered, ordered[1:])
     )
     return spans, which, disjoint

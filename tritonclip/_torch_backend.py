@@ -82,7 +82,9 @@ def tensor_norms(tensors: list[torch.Tensor], norm_type: float, acc_dtype: torch
             norms[i] = value
     else:
         use_foreach(tensors, device, foreach)  # raises for foreach=True where unsupported
-    return torch.stack([n.to(acc_dtype) for n in norms])
+    if len(short) < len(tensors):  # CPU only: long norms are float64, the others may not be
+        norms = [n.to(acc_dtype) for n in norms]
+    return torch.stack(norms).to(acc_dtype)
 
 
 def power_form(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
@@ -133,9 +135,25 @@ def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
             t.mul_(coef)
 
 
+# Below this many elements a tensor costs more in Python per-call overhead (about 4 us)
+# than a second pass over it: 32768 float32 elements read and written twice at 40 GB/s take
+# 6.5 us. Such tensors are clamped by torch's two foreach passes, larger ones in one pass.
+_ONE_PASS_CLAMP_MIN_NUMEL = 32768
+
+
 def clamp_(group: Group, lo: float, hi: float, foreach: bool | None) -> None:
-    """Clamp the group's gradients in place to [lo, hi], one read-write pass per tensor."""
+    """Clamp the group's gradients in place to [lo, hi]: one read-write pass per large
+    tensor; small dense tensors in two batched foreach passes (fewer calls)."""
     tensors = group.views() + group.others
-    use_foreach(tensors, group.device, foreach)  # raises for foreach=True where unsupported
+    batched = use_foreach(tensors, group.device, foreach)
+    small = []
     for t in tensors:
-        (t._values() if t.is_sparse else t).clamp_(lo, hi)
+        if batched and not t.is_sparse and t.numel() < _ONE_PASS_CLAMP_MIN_NUMEL:
+            small.append(t)
+        else:
+            (t._values() if t.is_sparse else t).clamp_(lo, hi)
+    if small:
+        if lo > -math.inf:
+            torch._foreach_clamp_min_(small, lo)
+        if hi < math.inf:
+            torch._foreach_clamp_max_(small, hi)
