@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
-from .config import soft_bf16_rounding, stream_meta
+from .config import on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
 
 
@@ -49,9 +49,10 @@ def _float64_bits(value: float) -> int:
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite)."""
     meta = stream_meta(plan.dtype)
-    for launch in plan.launches:
-        _clamp_kernel[(launch.n_chunks,)](
-            launch.table, launch.n_spans, launch.n_chunks,
-            _float64_bits(lo), _float64_bits(hi),
-            ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
-        )
+    with on_device(plan.device):
+        for launch in plan.launches:
+            _clamp_kernel[(launch.n_chunks,)](
+                launch.table, launch.n_spans, launch.n_chunks,
+                _float64_bits(lo), _float64_bits(hi),
+                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
+            )

@@ -6,6 +6,7 @@ BLOCK = 4 warps * 32 threads * 4 vectors * 16 bytes / element size. That is the 
 a bandwidth-bound Triton elementwise loop; replace with a measured table when one exists.
 """
 
+import contextlib
 import os
 
 import torch
@@ -51,3 +52,11 @@ def soft_bf16_rounding() -> bool:
     """Whether kernels must round to bfloat16 in software (under Triton's interpreter, whose
     float32 -> bfloat16 conversion truncates); see ``_helpers.store_cast``."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def on_device(device: torch.device):
+    """Context in which to launch on ``device``: Triton launches on the *current* CUDA device
+    and its current stream, so gradients on cuda:1 need cuda:1 made current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

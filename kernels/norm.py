@@ -25,7 +25,7 @@ from ._helpers import (
     any_nan,
     chunk_bounds,
 )
-from .config import finalize_config, stream_meta
+from .config import finalize_config, on_device, stream_meta
 from .plan import LaunchPlan
 
 
@@ -153,13 +153,14 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
     partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=plan.device)
     mode = norm_mode(norm_type)
     meta = stream_meta(plan.dtype)
-    for launch in plan.launches:
-        _norm_partials_kernel[(launch.n_chunks,)](
-            launch.table, partials,
-            launch.n_spans, launch.n_chunks, launch.partial_offset,
-            float(norm_type) if mode == NORM_SUM_POW.value else 1.0,
-            NORM=mode, ALIGNED=launch.aligned, **meta,
-        )
+    with on_device(plan.device):
+        for launch in plan.launches:
+            _norm_partials_kernel[(launch.n_chunks,)](
+                launch.table, partials,
+                launch.n_spans, launch.n_chunks, launch.partial_offset,
+                float(norm_type) if mode == NORM_SUM_POW.value else 1.0,
+                NORM=mode, ALIGNED=launch.aligned, **meta,
+            )
     return partials
 
 
@@ -172,7 +173,9 @@ def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torc
     """
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
     block, num_warps = finalize_config()
-    _finalize_kernel[(plan.n_segments,)](
-        partials, plan.segments, out, NORM=norm_mode(norm_type), BLOCK=block, num_warps=num_warps
-    )
+    with on_device(plan.device):
+        _finalize_kernel[(plan.n_segments,)](
+            partials, plan.segments, out, NORM=norm_mode(norm_type), BLOCK=block,
+            num_warps=num_warps,
+        )
     return out

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
-from .config import soft_bf16_rounding, stream_meta
+from .config import on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
 
 
@@ -43,8 +43,9 @@ def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
     """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
     plan's device); a coefficient >= 1 leaves the memory untouched."""
     meta = stream_meta(plan.dtype)
-    for launch in plan.launches:
-        _scale_kernel[(launch.n_chunks,)](
-            launch.table, coef, launch.n_spans, launch.n_chunks,
-            ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
-        )
+    with on_device(plan.device):
+        for launch in plan.launches:
+            _scale_kernel[(launch.n_chunks,)](
+                launch.table, coef, launch.n_spans, launch.n_chunks,
+                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
+            )

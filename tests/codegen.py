@@ -41,20 +41,20 @@ def specializations():
             for norm_name, norm_type in _NORMS.items():
                 partials = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
                 yield (f"norm_partials-{norm_name}-{tag}", norm._norm_partials_kernel,
-                       {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i64",
-                        "n_chunks": "i64", "partial_offset": "i64", "p": "fp32"},
+                       {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i32",
+                        "n_chunks": "i32", "partial_offset": "i32", "p": "fp32"},
                        dict(common, NORM=norm.norm_mode(norm_type)), warps)
             yield (f"scale-{tag}", scale._scale_kernel,
-                   {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i64", "n_chunks": "i64"},
+                   {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i32", "n_chunks": "i32"},
                    dict(common, SOFT_BF16=False), warps)
             yield (f"clamp-{tag}", clamp._clamp_kernel,
-                   {"table_ptr": "*i64", "n_spans": "i64", "n_chunks": "i64", "lo_bits": "i64",
+                   {"table_ptr": "*i64", "n_spans": "i32", "n_chunks": "i32", "lo_bits": "i64",
                     "hi_bits": "i64"},
                    dict(common, SOFT_BF16=False), warps)
             if dtype == torch.float32:
                 # A bound of 0.0 has bits 0, which Triton passes as i32.
                 yield (f"clamp-{tag}-zero-bound", clamp._clamp_kernel,
-                       {"table_ptr": "*i64", "n_spans": "i64", "n_chunks": "i64",
+                       {"table_ptr": "*i64", "n_spans": "i32", "n_chunks": "i32",
                         "lo_bits": "i32", "hi_bits": "i64"},
                        dict(common, SOFT_BF16=False), warps)
     block, warps = finalize_config()
@@ -74,9 +74,11 @@ def _tool(name, *args):
 
 def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) -> dict:
     signature = dict(signature, **{key: "constexpr" for key in constexprs})
-    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
-    # torch's allocations are at least 16-byte aligned; the launcher specializes on it.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    # As launched: sizes (spans, chunks, offsets: all < 2**31) arrive as i32; fresh buffers
+    # (partials, coefficient, outputs) are 16-byte aligned, which Triton specializes on; the
+    # plan tables are views at any 8-byte offset, so they get no alignment.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items())
+             if kind.startswith("*") and arg not in ("table_ptr", "segments_ptr")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps})

@@ -109,7 +109,7 @@ def test_nonfinite_modes(backend, bad, norm_type):
             tritonclip.clip_grad_norm_(params_with(grads), 1.0, norm_type, backend=backend,
                                        error_if_nonfinite=True)
         for g, b in zip(grads, before):
-            assert torch.equal(g, b, ) or torch.equal(g.isnan(), b.isnan())
+            assert torch.equal(g.isnan(), b.isnan()) and torch.equal(g.nan_to_num(), b.nan_to_num())
         with pytest.raises(RuntimeError, match="non-finite"):
             tritonclip.get_total_norm(grads, norm_type, backend=backend, nonfinite="error")
     # skip: nothing is modified, the norm is returned
@@ -234,3 +234,58 @@ def test_no_warnings_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tritonclip.clip_grad_norm_(params_with(random_grads([10], torch.float32)), 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_view_inside_a_dense_grad_is_counted_once(backend):
+    g = torch.tensor([3.0, 0.0, 4.0, 0.0])
+    total = tritonclip.clip_grad_norm_(params_with([g, g[::2]]), 1.0, backend=backend)
+    assert float(total) == pytest.approx(5.0, rel=1e-6)
+    torch.testing.assert_close(g, torch.tensor([0.6, 0.0, 0.8, 0.0]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_view_partly_overlapping_another_grad_is_rejected(backend):
+    buffer = random_grads([40], torch.float32)[0]
+    before = buffer.clone()
+    grads = [buffer[:20], buffer[10:40:3]]
+    with pytest.raises(ValueError, match=r"gradient 1 .*overlaps"):
+        tritonclip.clip_grad_norm_(params_with(grads), 1e-3, backend=backend)
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_rejected_before_any_change(backend):
+    dense = random_grads([30], torch.float32)[0]
+    before = dense.clone()
+    expanded = torch.ones(1).expand(4)
+    for clip in (lambda ps: tritonclip.clip_grad_norm_(ps, 1e-3, backend=backend),
+                 lambda ps: tritonclip.clip_grad_value_(ps, 1e-3, backend=backend)):
+        with pytest.raises(ValueError, match=r"gradients\[1\].*expanded"):
+            clip(params_with([dense, expanded]))
+        assert torch.equal(dense, before)
+
+
+def test_value_clip_rejects_complex_and_uncoalesced_sparse_before_any_change():
+    dense = random_grads([30], torch.float32)[0]
+    before = dense.clone()
+    with pytest.raises(TypeError, match=r"gradients\[1\].*complex"):
+        tritonclip.clip_grad_value_(params_with([dense, torch.randn(3, dtype=torch.complex64)]), 0.1)
+    sparse = torch.sparse_coo_tensor([[0, 2, 2]], [1.0, 2.0, 2.0], (4,), check_invariants=True)
+    with pytest.raises(ValueError, match="coalesce"):
+        tritonclip.clip_grad_value_(params_with([dense, sparse]), 0.1)
+    assert torch.equal(dense, before)
+    coalesced = sparse.coalesce()
+    tritonclip.clip_grad_value_(params_with([coalesced]), 1.0)
+    assert coalesced.to_dense().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_is_float32_whatever_the_default_dtype(backend):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert tritonclip.get_total_norm([], backend=backend).dtype == torch.float32
+        assert tritonclip.get_total_norm([torch.ones(3)], backend=backend).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)

@@ -76,13 +76,20 @@ def test_chunk_boundaries_are_exact():
     assert out.tolist() == [float(sum(sizes))] + [float(n) for n in sizes]
 
 
-def test_scale_skips_memory_when_coefficient_is_one():
+@pytest.mark.parametrize("coef", [1.0, 1.5, float("inf")])
+def test_scale_skips_memory_when_coefficient_is_at_least_one(coef):
+    # 1.5 would change every element if the kernel did not return first.
     g = random_grads([100], torch.float32)[0]
     plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
     before = g.clone()
-    kernels.scale_(plan, torch.tensor([1.0]))
+    kernels.scale_(plan, torch.tensor([coef]))
     assert torch.equal(g, before)
-    kernels.scale_(plan, torch.tensor([float("nan")]))  # NaN propagates, as in torch
+
+
+def test_scale_propagates_a_nan_coefficient():
+    g = random_grads([100], torch.float32)[0]
+    plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
+    kernels.scale_(plan, torch.tensor([float("nan")]))  # as torch: NaN does not compare >= 1
     assert g.isnan().all()
 
 
@@ -109,6 +116,8 @@ def test_plan_cache_is_bounded():
 
 @pytest.mark.parametrize("norm_type", [2.0, 0.5, math.inf], ids=["2", "0.5", "inf"])
 def test_bitwise_deterministic_across_runs(norm_type):
+    # The interpreter runs programs one after another, so this mostly guards the fixed
+    # reduction order of the code; tests/gpu repeats it where programs really race.
     grads = random_grads([70000, 4097, 63] * 3, torch.bfloat16, seed=9)
     first = tritonclip.get_total_norm(grads, norm_type, backend="triton", per_tensor=True)
     kernels.plan_cache.clear()
@@ -117,9 +126,12 @@ def test_bitwise_deterministic_across_runs(norm_type):
 
 
 def test_nonzero_count_is_exact_past_float32_integers():
-    # 2**24 + 1 is not a float32: counts are kept as integers, then float64.
-    plan = kernels.plan_cache.get([(torch.ones(1).data_ptr(), 1)], torch.device("cpu"),
-                                  torch.float32)
+    # Counts are integers per chunk and float64 across chunks: 2**24 + 1, which float32
+    # cannot hold, survives the finalize exactly.
+    g = torch.zeros(kernels.CHUNK + 1)
+    plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
     assert kernels.accumulation_dtype(torch.float32, 0.0) == torch.float64
     partials = kernels.norm_partials(plan, 0.0)
-    assert partials.dtype == torch.float64
+    assert partials.dtype == torch.float64 and partials.tolist() == [0.0, 0.0]
+    partials.copy_(torch.tensor([2.0**24, 1.0], dtype=torch.float64))
+    assert kernels.finalize(plan, partials, 0.0).item() == 2**24 + 1

@@ -17,10 +17,17 @@ def _accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
     return torch.float32
 
 
+def move(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` without a host synchronisation where one can be avoided: copies to a
+    CUDA device are asynchronous; a copy to the CPU blocks, since the CPU reads it next (only
+    lists that mix CPU and CUDA gradients make one)."""
+    return t.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
+
+
 def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     """Group values (power form) -> the total norm, a float32 0-dim tensor on ``device``."""
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
-    moved = [v.to(device=device, dtype=dtype, non_blocking=True) for v in values]
+    moved = [move(v, device, dtype) for v in values]
     power = moved[0] if len(moved) == 1 else _torch_backend.reduce_power(torch.stack(moved), norm_type)
     return _torch_backend.root(power, norm_type).to(torch.float32)
 
@@ -34,7 +41,8 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
     """
     device = tensors[0].device if tensors else torch.device("cpu")
     values = []
-    per_tensor_norms = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    per_tensor_norms = (torch.zeros(len(tensors), dtype=torch.float32, device=device)
+                        if per_tensor else None)
     for group in groups:
         if not (group.spans or group.others):
             continue  # only empty tensors: nothing to count, and their norms stay 0
@@ -47,7 +55,8 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
                 values.append(value)
                 continue
         values.append(backend.group_power(group, norm_type, acc, foreach)[0])
-    total = _combine(values, norm_type, device) if values else torch.zeros((), device=device)
+    total = (_combine(values, norm_type, device) if values
+             else torch.zeros((), dtype=torch.float32, device=device))
     return (total, per_tensor_norms) if per_tensor else total
 
 
@@ -64,15 +73,14 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
     dense = [(i, w) for i, w in zip(group.members, which) if w is not None]
     device = out.device
     if dense:
-        targets = torch.tensor([i for i, _ in dense]).to(device, non_blocking=True)
-        sources = torch.tensor([w for _, w in dense]).to(norms.device, non_blocking=True)
-        out[targets] = norms[sources].to(device, torch.float32)
+        targets = move(torch.tensor([i for i, _ in dense]), device)
+        sources = move(torch.tensor([w for _, w in dense]), norms.device)
+        out[targets] = move(norms[sources], device, torch.float32)
     if leftover:
         other = _torch_backend.tensor_norms(
             [tensors[i] for i in leftover], norm_type, acc, group.device, foreach
         )
-        out[torch.tensor(leftover).to(device, non_blocking=True)] = other.to(
-            device, torch.float32, non_blocking=True)
+        out[move(torch.tensor(leftover), device)] = move(other, device, torch.float32)
     return value if disjoint and not leftover else None
 
 
@@ -89,7 +97,7 @@ def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,
 
 def scale_(groups: list[Group], coef: torch.Tensor, foreach: bool | None) -> None:
     """Multiply every group's distinct storage regions in place by ``coef``."""
-    coefs = [coef.to(group.device, non_blocking=True) for group in groups]
+    coefs = [move(coef, group.device) for group in groups]
     for group, group_coef in zip(groups, coefs):
         if group.spans or group.others:
             _BACKENDS[group.backend].scale_(group, group_coef, foreach)

@@ -108,22 +108,26 @@ def group_tensors(tensors: list[torch.Tensor], requested_backend: str) -> list[G
     for (device, dtype, layout), indices in buckets.items():
         backend = resolve_backend(requested_backend, device, dtype, layout)
         members = [tensors[i] for i in indices]
-        spans, others = _merge(members) if layout == torch.strided else ([], _unique(members))
+        if layout == torch.strided:
+            spans, others = _merge(members, indices)
+        else:
+            spans, others = [], _unique(members)
         groups.append(Group(device, dtype, backend, spans, others, indices))
     return groups
 
 
 def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sparse tensors, each once."""
     seen, result = set(), []
     for t in tensors:
-        key = (id(t),) if t.layout != torch.strided else (t.data_ptr(), t.shape, t.stride())
-        if key not in seen:
-            seen.add(key)
+        if id(t) not in seen:
+            seen.add(id(t))
             result.append(t)
     return result
 
 
-def _merge(tensors: list[torch.Tensor]) -> tuple[list[Span], list[torch.Tensor]]:
+def _merge(tensors: list[torch.Tensor], positions: list[int]):
+    """(merged dense spans, non-dense tensors) of one group; see the module docstring."""
     intervals = []
     strided = []
     for index, t in enumerate(tensors):
@@ -137,7 +141,7 @@ def _merge(tensors: list[torch.Tensor]) -> tuple[list[Span], list[torch.Tensor]]
             # index breaks ties so that tensors are never compared
             intervals.append((base, start, start + numel, index, t, contiguous))
         else:
-            strided.append(t)
+            strided.append((positions[index], t))
     intervals.sort()
     spans: list[Span] = []
     for base, start, end, _, t, contiguous in intervals:
@@ -148,7 +152,41 @@ def _merge(tensors: list[torch.Tensor]) -> tuple[list[Span], list[torch.Tensor]]
                 spans[-1] = Span(base, last.start, end - last.start, last.source, False)
         else:
             spans.append(Span(base, start, end - start, t, contiguous))
-    return spans, _unique(strided)
+    return spans, _strided_outside(spans, strided)
+
+
+def _strided_outside(spans: list[Span], strided: list[tuple[int, torch.Tensor]]):
+    """The non-dense tensors whose elements no dense span already covers.
+
+    A non-dense view that lies inside a dense span (``g`` and ``g[::2]``) is dropped: its
+    elements are counted and scaled with the span. One whose memory range partly overlaps a
+    span or another non-dense view cannot be counted once without an element-wise check, and
+    raises ``ValueError`` (before anything is launched) rather than count elements twice.
+    """
+    kept: list[tuple[int, int, int, torch.Tensor]] = []
+    seen = set()
+    for position, t in strided:
+        key = (t.data_ptr(), t.shape, t.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        start = t.storage_offset()
+        end = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+        base = t.data_ptr() - start * t.element_size()
+        overlapping = [s for s in spans
+                       if s.base == base and s.start < end and start < s.start + s.numel]
+        if overlapping and overlapping[0].start <= start and end <= overlapping[0].start + overlapping[0].numel:
+            continue  # inside one dense span
+        clash = overlapping or [k for k in kept if k[0] == base and k[1] < end and start < k[2]]
+        if clash:
+            raise ValueError(
+                f"gradient {position} (shape {tuple(t.shape)}, stride {t.stride()}) is a "
+                "non-contiguous view whose memory range overlaps another gradient's: its "
+                "elements cannot be counted once. Pass contiguous gradients, or the whole "
+                "tensor they are views of."
+            )
+        kept.append((base, start, end, t))
+    return [k[3] for k in kept]
 
 
 def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], bool]:

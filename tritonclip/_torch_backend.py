@@ -123,6 +123,16 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
     return value, (norms if per_span else None)
 
 
+def mul_(t: torch.Tensor, coef: torch.Tensor) -> None:
+    """``t *= coef`` with the product formed in float32 for float16/bfloat16 ``t``, as the
+    kernels and ``torch._foreach_mul_`` do. (A plain ``mul_`` by a 0-dim CUDA tensor first
+    rounds the coefficient to the tensor's dtype: 8 bits for bfloat16.)"""
+    if t.dtype in (torch.float16, torch.bfloat16) and coef.device.type != "cpu":
+        t.copy_(t.float().mul_(coef))
+    else:
+        t.mul_(coef)
+
+
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
     """Multiply the group's gradients in place by ``coef``; skipped on CPU when coef >= 1."""
     if coef.device.type == "cpu" and not (coef.item() < 1.0 or math.isnan(coef.item())):
@@ -132,7 +142,7 @@ def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
         torch._foreach_mul_(tensors, coef)
     else:
         for t in tensors:
-            t.mul_(coef)
+            mul_(t, coef)
 
 
 # Below this many elements a tensor costs more in Python per-call overhead (about 4 us)

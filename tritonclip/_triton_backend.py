@@ -42,7 +42,7 @@ def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
         plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
         kernels.scale_(plan, coef)
     for t in group.others:
-        t.mul_(coef)
+        _torch_backend.mul_(t, coef)
 
 
 def clamp_(group: Group, lo: float, hi: float, foreach: bool | None) -> None:

@@ -41,10 +41,25 @@ def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
     return items
 
 
-def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The non-None ``.grad`` of each parameter, checked like any input tensor."""
+def grads_of(parameters: list[torch.Tensor], clamp: bool = False) -> list[torch.Tensor]:
+    """The non-None ``.grad`` of each parameter, checked like any input tensor and for being
+    writable in place (and clampable, with ``clamp``), so that nothing fails half-way."""
     grads = [p.grad for p in parameters if p.grad is not None]
     check_tensors(grads, "gradients")
+    has_overlap = getattr(torch, "_debug_has_internal_overlap", None)
+    for index, g in enumerate(grads):
+        if g.layout == torch.strided and has_overlap is not None and has_overlap(g) == 1:
+            raise ValueError(
+                f"gradients[{index}] (shape {tuple(g.shape)}, stride {g.stride()}) has elements "
+                "that share memory (an expanded view): it cannot be modified in place"
+            )
+        if clamp and g.is_complex():
+            raise TypeError(f"gradients[{index}] is {g.dtype}: complex values cannot be clamped")
+        if clamp and g.is_sparse and not g.is_coalesced():
+            raise ValueError(
+                f"gradients[{index}] is an uncoalesced sparse tensor: clamping its duplicate "
+                "entries one by one would not bound their sum; call .coalesce() first"
+            )
     return grads
 
 

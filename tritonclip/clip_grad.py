@@ -109,7 +109,7 @@ def clip_grads_with_norm_(
     groups = group_tensors(grads, _validate.backend_name(backend))
     if not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_validate.nonnegative(total_norm, "total_norm"))
-    total_norm = total_norm.to(grads[0].device, non_blocking=True)
+    total_norm = _dispatch.move(total_norm, grads[0].device)
     coef = _dispatch.clip_coefficient(total_norm, max_norm, eps, skip_nonfinite=False)
     _dispatch.scale_(groups, coef, foreach)
 
@@ -216,6 +216,6 @@ def clip_grad_value_(
     parameters = _validate.tensor_list(parameters, "parameters")
     low, high = _validate.value_bounds(clip_value, lo, hi)
     foreach = _validate.foreach_value(foreach)
-    grads = _validate.grads_of(parameters)
+    grads = _validate.grads_of(parameters, clamp=True)
     groups = group_tensors(grads, _validate.backend_name(backend))
     _dispatch.clamp_(groups, low, high, foreach)

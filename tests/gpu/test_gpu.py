@@ -79,3 +79,44 @@ def test_tensor_larger_than_int32_indexing():
     assert float(total) == 7.0
     assert float(g[-1]) == pytest.approx(2.0 / 7.0, rel=1e-3)
     assert float(g[0]) == pytest.approx(1.0 / 7.0, rel=1e-3)
+
+
+def test_bitwise_deterministic_across_runs_on_gpu():
+    grads = random_grads([1 << 22, 70001, 4097] * 4, torch.bfloat16, device="cuda", seed=3)
+    first = tritonclip.get_total_norm(grads, per_tensor=True)
+    second = tritonclip.get_total_norm(grads, per_tensor=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_grads_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    grads = random_grads([4097, 70001], torch.float32, device="cuda:1")
+    before = [g.clone() for g in grads]
+    assert torch.cuda.current_device() == 0
+    total = tritonclip.clip_grad_norm_(params_with(grads), 1e-3)
+    assert total.device == torch.device("cuda:1")
+    assert_norm_close(total.cpu(), reference.total_norm(before, 2.0))
+    coef = applied_coefficient(total, 1e-3)
+    for g, b in zip(grads, before):
+        assert_scaled_once(g, b, coef)
+
+
+def test_mixed_cpu_and_cuda_grads():
+    grads = random_grads([4097], torch.float32, device="cpu") + \
+        random_grads([70001], torch.bfloat16, device="cuda", seed=1)
+    before = [g.clone() for g in grads]
+    total = tritonclip.clip_grad_norm_(params_with(grads), 1e-3)
+    assert total.device.type == "cpu"
+    assert_norm_close(total, reference.total_norm(before, 2.0))
+    coef = applied_coefficient(total, 1e-3)
+    for g, b in zip(grads, before):
+        assert_scaled_once(g, b, coef.to(g.device))
+
+
+def test_strided_half_grads_scaled_with_a_float32_coefficient():
+    parent = random_grads([64 * 64], torch.bfloat16, device="cuda")[0].view(64, 64)
+    strided = parent[:, ::2]
+    before = strided.clone()
+    total = tritonclip.clip_grad_norm_(params_with([strided]), 1e-3)
+    assert_scaled_once(strided, before, applied_coefficient(total, 1e-3))
