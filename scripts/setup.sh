@@ -17,14 +17,15 @@ fi
 if "$PYTHON" -c "import torch, triton" >/dev/null 2>&1; then
   echo "setup: reusing the torch and triton of $PYTHON"
   "$PYTHON" -m venv --system-site-packages "$VENV"
+  # Such a machine may be offline: build with its setuptools, and if the small extras cannot
+  # be fetched (it usually has pytest already), install tritonclip alone.
+  if ! "$VENV/bin/pip" install --quiet --no-build-isolation -e ".[test,bench]"; then
+    echo "setup: could not install the extras; installing tritonclip alone"
+    "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+  fi
 else
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "$TORCH_SPEC"
-fi
-# The extras are small; where pip cannot reach an index (an offline GPU box that already has
-# pytest) the editable install of the package alone is enough to run the tests.
-if ! "$VENV/bin/pip" install --quiet --no-build-isolation -e ".[test,bench]"; then
-  echo "setup: could not install the extras; installing tritonclip alone"
-  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+  "$VENV/bin/pip" install --quiet -e ".[test,bench]"
 fi
 touch "$stamp"

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _validate
+
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -96,20 +98,23 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
     )
 
 
-def group_tensors(tensors: list[torch.Tensor], requested_backend: str) -> list[Group]:
+def group_tensors(tensors: list[torch.Tensor], requested_backend: str, name: str = "gradients",
+                  purpose: str = "read") -> list[Group]:
     """Group ``tensors`` by (device, dtype, layout) into merged, deduplicated spans.
 
-    Raises ValueError (before anything is launched) if a forced backend cannot take a group.
+    Every group is checked (:func:`_validate.check_group`) and given its backend before this
+    returns, so a ``TypeError``/``ValueError`` comes before anything is launched.
     """
     buckets: dict[tuple, list[int]] = {}
     for index, t in enumerate(tensors):
         buckets.setdefault((t.device, t.dtype, t.layout), []).append(index)
     groups = []
     for (device, dtype, layout), indices in buckets.items():
-        backend = resolve_backend(requested_backend, device, dtype, layout)
         members = [tensors[i] for i in indices]
+        _validate.check_group(device, dtype, layout, members, indices, name, purpose)
+        backend = resolve_backend(requested_backend, device, dtype, layout)
         if layout == torch.strided:
-            spans, others = _merge(members, indices)
+            spans, others = _merge(members, indices, dtype.itemsize)
         else:
             spans, others = [], _unique(members)
         groups.append(Group(device, dtype, backend, spans, others, indices))
@@ -126,7 +131,7 @@ def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-def _merge(tensors: list[torch.Tensor], positions: list[int]):
+def _merge(tensors: list[torch.Tensor], positions: list[int], itemsize: int):
     """(merged dense spans, non-dense tensors) of one group; see the module docstring."""
     intervals = []
     strided = []
@@ -137,7 +142,7 @@ def _merge(tensors: list[torch.Tensor], positions: list[int]):
         contiguous = t.is_contiguous()
         if contiguous or dense_extent(t):
             start = t.storage_offset()
-            base = t.data_ptr() - start * t.element_size()
+            base = t.data_ptr() - start * itemsize
             # index breaks ties so that tensors are never compared
             intervals.append((base, start, start + numel, index, t, contiguous))
         else:

@@ -41,37 +41,43 @@ def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
     return items
 
 
-def grads_of(parameters: list[torch.Tensor], clamp: bool = False) -> list[torch.Tensor]:
-    """The non-None ``.grad`` of each parameter, checked like any input tensor and for being
-    writable in place (and clampable, with ``clamp``), so that nothing fails half-way."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    check_tensors(grads, "gradients")
+def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The non-None ``.grad`` of each parameter (checked later, per group, by check_group)."""
+    return [g for p in parameters if (g := p.grad) is not None]
+
+
+def check_group(device: torch.device, dtype: torch.dtype, layout: torch.layout,
+                members: list[torch.Tensor], positions: list[int], name: str,
+                purpose: str) -> None:
+    """Checks of one (device, dtype, layout) group of ``name``, run before anything is
+    launched. ``purpose`` is "read" (a norm), "scale" or "clamp" (modified in place)."""
+    first = f"{name}[{positions[0]}]"
+    if device.type == "meta":
+        raise ValueError(
+            f"{first} is on the meta device (shape {tuple(members[0].shape)}): it has no "
+            "values to clip"
+        )
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"{first} has dtype {dtype}; gradients are floating point")
+    if purpose == "clamp" and dtype.is_complex:
+        raise TypeError(f"{first} is {dtype}: complex values cannot be clamped")
+    if purpose == "read":
+        return
     has_overlap = getattr(torch, "_debug_has_internal_overlap", None)
-    for index, g in enumerate(grads):
-        if g.layout == torch.strided and has_overlap is not None and has_overlap(g) == 1:
+    for position, t in zip(positions, members):
+        if layout == torch.strided:
+            # Only a non-contiguous tensor can map two elements to one address.
+            if has_overlap is not None and not t.is_contiguous() and has_overlap(t) == 1:
+                raise ValueError(
+                    f"{name}[{position}] (shape {tuple(t.shape)}, stride {t.stride()}) has "
+                    "elements that share memory (an expanded view): it cannot be modified "
+                    "in place"
+                )
+        elif purpose == "clamp" and t.is_sparse and not t.is_coalesced():
             raise ValueError(
-                f"gradients[{index}] (shape {tuple(g.shape)}, stride {g.stride()}) has elements "
-                "that share memory (an expanded view): it cannot be modified in place"
-            )
-        if clamp and g.is_complex():
-            raise TypeError(f"gradients[{index}] is {g.dtype}: complex values cannot be clamped")
-        if clamp and g.is_sparse and not g.is_coalesced():
-            raise ValueError(
-                f"gradients[{index}] is an uncoalesced sparse tensor: clamping its duplicate "
+                f"{name}[{position}] is an uncoalesced sparse tensor: clamping its duplicate "
                 "entries one by one would not bound their sum; call .coalesce() first"
             )
-    return grads
-
-
-def check_tensors(tensors: list[torch.Tensor], name: str) -> None:
-    for index, t in enumerate(tensors):
-        if t.device.type == "meta":
-            raise ValueError(
-                f"{name}[{index}] is on the meta device (shape {tuple(t.shape)}): it has no "
-                "values to clip"
-            )
-        if not (t.is_floating_point() or t.is_complex()):
-            raise TypeError(f"{name}[{index}] has dtype {t.dtype}; gradients are floating point")
 
 
 def _real(value, name: str) -> float:

@@ -61,11 +61,10 @@ def get_total_norm(
     the same memory, contribute their elements once.
     """
     tensors = _validate.tensor_list(tensors, "tensors")
-    _validate.check_tensors(tensors, "tensors")
     norm_type = _validate.norm_type_value(norm_type)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
-    groups = group_tensors(tensors, _validate.backend_name(backend))
+    groups = group_tensors(tensors, _validate.backend_name(backend), name="tensors")
     result = _dispatch.total_norm(tensors, groups, norm_type, foreach, per_tensor=per_tensor)
     _check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
     return result
@@ -104,9 +103,9 @@ def clip_grads_with_norm_(
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
+    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
     if not grads:
         return
-    groups = group_tensors(grads, _validate.backend_name(backend))
     if not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_validate.nonnegative(total_norm, "total_norm"))
     total_norm = _dispatch.move(total_norm, grads[0].device)
@@ -178,7 +177,7 @@ def clip_grad_norm_(
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
-    groups = group_tensors(grads, _validate.backend_name(backend))
+    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
     total = _dispatch.total_norm(grads, groups, norm_type, foreach)
     if not grads:
         return total
@@ -216,6 +215,6 @@ def clip_grad_value_(
     parameters = _validate.tensor_list(parameters, "parameters")
     low, high = _validate.value_bounds(clip_value, lo, hi)
     foreach = _validate.foreach_value(foreach)
-    grads = _validate.grads_of(parameters, clamp=True)
-    groups = group_tensors(grads, _validate.backend_name(backend))
+    grads = _validate.grads_of(parameters)
+    groups = group_tensors(grads, _validate.backend_name(backend), purpose="clamp")
     _dispatch.clamp_(groups, low, high, foreach)
