@@ -68,4 +68,4 @@ def test_clip(benchmark, model, case, impl):
 
     # Each round starts from the same gradients (the restore is not timed), so "active"
     # really clips every round.
-    benchmark.pedantic(run, setup=lambda: _restore(params, saved), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(run, setup=lambda: _restore(params, saved), rounds=11, warmup_rounds=2)
