@@ -27,6 +27,9 @@ def main(path: str) -> None:
     device = next(iter(rows.values()))[1]["device"] if rows else "?"
     print(f"device: {device} ({machine.get('cpu', {}).get('brand_raw', platform.processor())}), "
           f"torch {torch.__version__}, commit {data.get('commit_info', {}).get('id', '?')[:10]}")
+    if device == "cpu":
+        print("No GPU here: on the CPU tritonclip runs its torch path. The Triton kernels need a "
+              "GPU for speed (under TRITON_INTERPRET=1 they run, slowly, for testing).")
     print(f"{'model':<12} {'case':<9} {'torch ms':>9} {'tritonclip ms':>14} {'speedup':>8} "
           f"{'tritonclip GB/s':>16}")
     for model, case in sorted({(m, c) for m, c, _ in rows}):
