@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-gpu bench clean
+.PHONY: setup test test-gpu bench bench-full bench-pytest clean
 
 setup:
 	VENV=$(VENV) ./scripts/setup.sh
@@ -15,11 +15,18 @@ test: setup
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/gpu
 
+# The main job: tritonclip vs torch on this machine's device, in under a minute.
 bench: setup
-	mkdir -p bench-out
-	$(PY) -m pytest -q bench -p no:randomly --benchmark-only --benchmark-columns=median,min,max,rounds \
-		--benchmark-sort=name --benchmark-json=bench-out/benchmark.json
-	$(PY) bench/report.py bench-out/benchmark.json
+	$(PY) -m tritonclip.bench --quick --out bench-out
+
+# Every case, dtype and baseline (torch.compile included): minutes, and tens of GB on a GPU.
+bench-full: setup
+	$(PY) -m tritonclip.bench --dtype all --out bench-out
+
+# The same cases as a pytest-benchmark suite.
+bench-pytest: setup
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,min,max,rounds \
+		--benchmark-sort=name --benchmark-json=bench-out/pytest-benchmark.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

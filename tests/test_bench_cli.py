@@ -1,0 +1,71 @@
+"""The benchmark CLI end to end on a small case (the CPU path), and its bookkeeping."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tritonclip.bench import cases, cli, report, shapes
+
+
+def test_cli_writes_results_table_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    cli.main(["--cases", "lstm-2layer,many-small", "--ops", "active,value", "--quick",
+              "--reps", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "The Triton kernels need a GPU for speed" in out
+    assert "lstm-2layer" in out and "speedup" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    machine = result["machine"]
+    for key in ("device", "torch", "triton", "cuda", "commit"):
+        assert key in machine
+    assert result["copy_bandwidth_gbps"] > 0
+    records = result["results"]
+    assert {r["impl"] for r in records} == {"tritonclip", "torch-foreach", "torch-loop"}
+    assert {r["set"] for r in records} == {"lstm-2layer", "100x4K", "1000x4K", "5000x4K"}
+    for r in records:
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_fraction"] > 0
+        family = "tritonclip" if r["impl"] == "tritonclip" else "torch"
+        assert r["bytes_moved"] == cases.PASSES[(family, r["op"])] * r["grad_bytes"]
+        assert "speedup_vs_torch" in r
+        if r["family"] == "many-small" and r["op"] == "value":
+            assert r["wall_ms_per_call"] > 0
+    pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
+    assert pngs == ["many-small-fp32.png", "model-fp32.png"]
+
+
+def test_unknown_case_is_rejected():
+    with pytest.raises(SystemExit, match="unknown case"):
+        cli.main(["--cases", "resnet9000", "--out", "unused"])
+
+
+def test_speedup_is_torch_foreach_time_over_ours():
+    records = [
+        {"set": "s", "dtype": "fp32", "op": "norm", "impl": "torch-foreach", "median_ms": 3.0},
+        {"set": "s", "dtype": "fp32", "op": "norm", "impl": "tritonclip", "median_ms": 1.5},
+        {"set": "s", "dtype": "fp32", "op": "norm", "impl": "torch-loop", "skipped": "x"},
+    ]
+    report.with_ratios(records)
+    assert records[1]["speedup_vs_torch"] == 2.0 and records[0]["speedup_vs_torch"] == 1.0
+    assert "speedup_vs_torch" not in records[2]
+
+
+def test_active_case_really_clips_on_every_call():
+    grads = shapes.make_grads(shapes.many_small(3, 64), torch.float32, "cpu")
+    params = cases.make_params(grads)
+    cases.normalize_(grads)
+    restore = cases.restorer("active", grads)
+    fn = cases.callable_for("tritonclip", "active", params, grads)
+    for _ in range(3):
+        restore()
+        assert float(fn()) == pytest.approx(cases.TOTAL_NORM, rel=1e-5)
+    # Without the restore the clip would settle where the coefficient rounds to 1.
+    assert cases.restorer("norm", grads) is None
+
+
+def test_model_shape_sets_have_the_published_sizes():
+    assert shapes.numel(shapes.gpt2_small()) == 124_439_808
+    assert shapes.numel(shapes.vit_b16()) == 86_567_656
+    assert shapes.numel(shapes.llama_7b()) == 6_738_415_616

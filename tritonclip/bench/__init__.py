@@ -1,0 +1,1 @@
+"""Benchmarks of tritonclip against torch.nn.utils: ``python -m tritonclip.bench --help``."""

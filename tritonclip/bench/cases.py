@@ -1,0 +1,143 @@
+"""What is timed: cases (a gradient set and an operation) and the implementations compared.
+
+Bytes that must move per call (N = gradient bytes), the formulas every GB/s figure uses:
+
+==========  ===========================  =====================================
+op          tritonclip                   torch.nn.utils (foreach or loop)
+==========  ===========================  =====================================
+active      3N: read for the norm, then  3N
+            read + write to scale
+inactive    N: the scale kernel returns  3N: it multiplies by 1
+            before touching memory
+norm        N                            N
+value       2N: one clamp pass           4N: clamp_min_ then clamp_max_
+==========  ===========================  =====================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+import tritonclip
+
+from . import shapes as shape_sets
+
+OPS = ("active", "inactive", "norm", "value")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "mixed": [torch.bfloat16, torch.float32]}
+
+# Passes over the gradient bytes per call (see the table above).
+PASSES = {
+    ("tritonclip", "active"): 3, ("tritonclip", "inactive"): 1, ("tritonclip", "norm"): 1,
+    ("tritonclip", "value"): 2,
+    ("torch", "active"): 3, ("torch", "inactive"): 3, ("torch", "norm"): 1, ("torch", "value"): 4,
+}
+
+# Before each timed call of the active case the gradients are restored (untimed) to a total
+# norm of TOTAL_NORM, so that clipping at MAX_NORM really scales them every time. (Without
+# the restore the norm settles at MAX_NORM - eps after two calls, where the float32
+# coefficient rounds to exactly 1 and the clip becomes inactive.)
+TOTAL_NORM = 10.0
+MAX_NORM = 1.0
+
+
+@dataclasses.dataclass
+class GradientSet:
+    """A named list of shapes, as a model's parameters or a sweep point."""
+
+    name: str
+    family: str  # "model", "one-tensor" or "many-small"
+    shapes: list[tuple[int, ...]]
+
+    @property
+    def numel(self) -> int:
+        return shape_sets.numel(self.shapes)
+
+
+def gradient_sets(models, one_tensor_bytes, many_small_counts, element_size) -> list[GradientSet]:
+    sets = [GradientSet(m, "model", shape_sets.MODELS[m]()) for m in models]
+    sets += [GradientSet(f"1x{_size(b)}", "one-tensor", shape_sets.one_tensor(b, element_size))
+             for b in one_tensor_bytes]
+    sets += [GradientSet(f"{c}x4K", "many-small", shape_sets.many_small(c))
+             for c in many_small_counts]
+    return sets
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes // scale}{unit}"
+    return f"{nbytes}B"
+
+
+def make_params(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters carrying ``grads``; the weights are a broadcast scalar (never read)."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros((), device=g.device, dtype=g.dtype).expand(g.shape))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def normalize_(grads: list[torch.Tensor]) -> None:
+    """Scale the gradients in place so that their total 2-norm is TOTAL_NORM."""
+    total = tritonclip.get_total_norm(grads)
+    coef = (TOTAL_NORM / total).item()
+    torch._foreach_mul_(grads, coef)
+
+
+def restorer(op: str, grads: list[torch.Tensor]):
+    """The untimed step before each call: None, or (for "active") a copy back of the
+    normalized gradients. Other cases leave the gradients in a steady state: inactive and
+    norm do not change them, and a clamp moves the same bytes on every call."""
+    if op != "active":
+        return None
+    saved = [g.clone() for g in grads]
+    return lambda: torch._foreach_copy_(grads, saved)
+
+
+def _compiled_clip_norm():
+    """A torch.compile'd global-norm clip, the recipe a user would write."""
+
+    def clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        norms = torch._foreach_norm(grads, 2.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        return total
+
+    return torch.compile(clip, dynamic=False)
+
+
+def implementations(include_compile: bool) -> dict[str, str]:
+    """Implementation name -> the family its byte count follows."""
+    impls = {"tritonclip": "tritonclip", "torch-foreach": "torch", "torch-loop": "torch"}
+    if include_compile:
+        impls["torch-compile"] = "torch"
+    return impls
+
+
+def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
+    """The zero-argument function that performs ``op`` with ``impl`` on the given gradients."""
+    max_norm = {"active": MAX_NORM, "inactive": 1e9}.get(op)
+    if impl == "tritonclip":
+        if op == "norm":
+            return lambda: tritonclip.get_total_norm(grads)
+        if op == "value":
+            return lambda: tritonclip.clip_grad_value_(params, 1e-3)
+        return lambda: tritonclip.clip_grad_norm_(params, max_norm)
+    if impl == "torch-compile":
+        if op != "active" and op != "inactive":
+            raise KeyError(op)  # the compiled recipe is a norm clip
+        compiled = _compiled_clip_norm()
+        return lambda: compiled(grads, max_norm)
+    foreach = impl == "torch-foreach"
+    if op == "norm":
+        return lambda: torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    if op == "value":
+        return lambda: torch.nn.utils.clip_grad_value_(params, 1e-3, foreach=foreach)
+    return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)

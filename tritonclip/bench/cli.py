@@ -1,0 +1,183 @@
+"""``python -m tritonclip.bench`` / ``tritonclip-bench``: tritonclip against torch.nn.utils.
+
+Runs every case on the available device, shows a progress bar, prints a table and writes
+``results.json`` and PNG plots to ``--out``. On a machine without a GPU it benchmarks the CPU
+path (tritonclip's torch backend) and says so: the Triton kernels need a GPU for speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+import torch
+
+from . import cases, timing
+from .report import format_table, with_ratios
+
+MB = 2**20
+_QUICK = {
+    "models": ["gpt2-small", "lstm-2layer"],
+    "one_tensor_bytes": [1 * MB, 16 * MB, 256 * MB],
+    "many_small_counts": [100, 1000, 5000],
+}
+_FULL = {
+    "models": list(cases.shape_sets.MODELS),
+    "one_tensor_bytes": [MB * 4**k for k in range(7)],  # 1 MB .. 4 GB
+    "many_small_counts": [10, 100, 500, 1000, 2000, 5000],
+}
+# Sets with more tensors than this skip the torch.compile baseline: compiling a graph over
+# thousands of tensors takes minutes.
+_COMPILE_MAX_TENSORS = 1000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tritonclip-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of under a minute: two models, three sizes per sweep")
+    parser.add_argument("--cases", default="all",
+                        help="comma-separated: model names (%s), 'one-tensor', 'many-small', "
+                             "or 'all'" % ", ".join(cases.shape_sets.MODELS))
+    parser.add_argument("--ops", default=",".join(cases.OPS),
+                        help="comma-separated subset of %s" % ", ".join(cases.OPS))
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated subset of %s (default: bf16 on a GPU, fp32 on "
+                             "the CPU; 'all' for every one)" % ", ".join(cases.DTYPES))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include the torch.compile baseline (default: on unless --quick)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed calls per measurement on the CPU (default 5; CUDA uses "
+                             "triton.testing.do_bench's own count)")
+    parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    return parser.parse_args(argv)
+
+
+def _selection(args, device):
+    config = _QUICK if args.quick else _FULL
+    wanted = set(args.cases.split(",")) if args.cases != "all" else None
+    models = [m for m in config["models"] if wanted is None or m in wanted]
+    if wanted is not None:
+        unknown = wanted - set(cases.shape_sets.MODELS) - {"one-tensor", "many-small"}
+        if unknown:
+            sys.exit(f"tritonclip-bench: unknown case(s) {sorted(unknown)}")
+        models = [m for m in cases.shape_sets.MODELS if m in wanted]
+    one = config["one_tensor_bytes"] if wanted is None or "one-tensor" in wanted else []
+    many = config["many_small_counts"] if wanted is None or "many-small" in wanted else []
+    default_dtype = "bf16" if device.type == "cuda" else "fp32"
+    names = (args.dtype or default_dtype).split(",")
+    if names == ["all"]:
+        names = list(cases.DTYPES)
+    for name in names:
+        if name not in cases.DTYPES:
+            sys.exit(f"tritonclip-bench: unknown dtype {name!r}; choose from {list(cases.DTYPES)}")
+    ops = args.ops.split(",")
+    for op in ops:
+        if op not in cases.OPS:
+            sys.exit(f"tritonclip-bench: unknown op {op!r}; choose from {list(cases.OPS)}")
+    return models, one, many, names, ops
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(args) -> dict:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cpu":
+        print("tritonclip-bench: no GPU here, so this measures the CPU path (tritonclip's torch "
+              "backend). The Triton kernels need a GPU for speed.", flush=True)
+    models, one, many, dtype_names, ops = _selection(args, device)
+    include_compile = (not args.quick) if args.compile is None else args.compile
+    reps = args.reps or 5
+    impls = cases.implementations(include_compile)
+
+    stamp = timing.machine_stamp(device)
+    copy_gbps = timing.copy_bandwidth_gbps(device, (1024 if device.type == "cuda" else 256) * MB,
+                                           reps)
+    work = []
+    for dtype_name in dtype_names:
+        dtypes = cases.DTYPES[dtype_name]
+        element_size = (dtypes[0] if isinstance(dtypes, list) else dtypes).itemsize
+        for gset in cases.gradient_sets(models, one, many, element_size):
+            work.append((gset, dtype_name))
+    total = sum(len(ops) * len(impls) for _ in work)
+
+    from tqdm import tqdm
+
+    records = []
+    with tqdm(total=total, unit="case", dynamic_ncols=True) as bar:
+        for gset, dtype_name in work:
+            records += _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar)
+    return {"machine": stamp, "copy_bandwidth_gbps": copy_gbps,
+            "args": vars(args), "results": with_ratios(records)}
+
+
+def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list[dict]:
+    dtypes = cases.DTYPES[dtype_name]
+    grads = cases.shape_sets.make_grads(gset.shapes, dtypes, device)
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    base = {"set": gset.name, "family": gset.family, "tensors": len(gset.shapes),
+            "dtype": dtype_name, "grad_bytes": nbytes}
+    records = []
+    if nbytes * 2 > _free_bytes(device):
+        del grads
+        for op in ops:
+            for impl in impls:
+                records.append(dict(base, op=op, impl=impl, skipped="not enough memory"))
+                bar.update()
+        return records
+    params = cases.make_params(grads)
+    for op in ops:
+        cases.normalize_(grads)
+        setup = cases.restorer(op, grads) if nbytes * 3 <= _free_bytes(device) else None
+        for impl, family in impls.items():
+            bar.set_description(f"{gset.name} {dtype_name} {op} {impl}")
+            record = dict(base, op=op, impl=impl)
+            if impl == "torch-compile" and (op not in ("active", "inactive")
+                                            or len(grads) > _COMPILE_MAX_TENSORS):
+                record["skipped"] = "no compiled recipe for this case"
+                records.append(record)
+                bar.update()
+                continue
+            if op == "active" and setup is None:
+                record["skipped"] = "not enough memory to restore the gradients between calls"
+                records.append(record)
+                bar.update()
+                continue
+            fn = cases.callable_for(impl, op, params, grads)
+            stats = timing.device_time_ms(fn, device, reps, setup)
+            moved = cases.PASSES[(family, op)] * nbytes
+            gbps = moved / (stats["median_ms"] * 1e-3) / 1e9
+            record.update(stats, bytes_moved=moved, gbps=gbps, copy_fraction=gbps / copy_gbps)
+            if gset.family == "many-small" and setup is None:
+                record["wall_ms_per_call"] = timing.wall_time_ms(fn, device, calls=max(reps, 10))
+            records.append(record)
+            bar.update()
+    del params, grads, setup
+    gc.collect()
+    return records
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(format_table(result))
+    try:
+        from .plot import plot_results
+    except ImportError:  # matplotlib is in the bench extra
+        print("tritonclip-bench: matplotlib is not installed, no plots "
+              "(pip install 'tritonclip[bench]')")
+        pngs = []
+    else:
+        pngs = plot_results(result, args.out)
+    print(f"wrote {path}" + "".join(f", {p}" for p in pngs))
