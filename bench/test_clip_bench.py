@@ -35,11 +35,10 @@ def test_clip(benchmark, model, op, impl):
     restore = cases.restorer(op, grads) or (lambda: None)
     fn = cases.callable_for(impl, op, params, grads)
     nbytes = sum(g.numel() * g.element_size() for g in grads)
-    family = "tritonclip" if impl == "tritonclip" else "torch"
     benchmark.group = f"{name}/{op}"
     benchmark.extra_info.update(model=name, op=op, impl=impl, device=str(DEVICE),
                                 dtype=str(DTYPE), grad_bytes=nbytes,
-                                bytes_moved=cases.PASSES[(family, op)] * nbytes)
+                                bytes_moved=cases.PASSES[impl][op] * nbytes)
 
     def run():
         fn()

@@ -2,16 +2,19 @@
 
 Bytes that must move per call (N = gradient bytes), the formulas every GB/s figure uses:
 
-==========  ===========================  =====================================
-op          tritonclip                   torch.nn.utils (foreach or loop)
-==========  ===========================  =====================================
-active      3N: read for the norm, then  3N
-            read + write to scale
-inactive    N: the scale kernel returns  3N: it multiplies by 1
-            before touching memory
-norm        N                            N
-value       2N: one clamp pass           4N: clamp_min_ then clamp_max_
-==========  ===========================  =====================================
+==========  ==========================  ==================  =======================
+op          tritonclip                  torch foreach=True  torch foreach=False,
+                                                            torch.compile
+==========  ==========================  ==================  =======================
+active      3N: read for the norm,      3N                  3N
+            then read + write to scale
+inactive    N: the scale kernel         3N: it multiplies   3N
+            returns before touching     by 1
+            memory
+norm        N                           N                   N
+value       2N: one clamp pass          4N: clamp_min_,     2N: one clamp_ per
+                                        then clamp_max_     tensor
+==========  ==========================  ==================  =======================
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ OPS = ("active", "inactive", "norm", "value")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "mixed": [torch.bfloat16, torch.float32]}
 
-# Passes over the gradient bytes per call (see the table above).
+# Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
-    ("tritonclip", "active"): 3, ("tritonclip", "inactive"): 1, ("tritonclip", "norm"): 1,
-    ("tritonclip", "value"): 2,
-    ("torch", "active"): 3, ("torch", "inactive"): 3, ("torch", "norm"): 1, ("torch", "value"): 4,
+    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2},
+    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4},
+    "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
+    "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
 }
+
 
 # Before each timed call of the active case the gradients are restored (untimed) to a total
 # norm of TOTAL_NORM, so that clipping at MAX_NORM really scales them every time. (Without
@@ -113,12 +118,10 @@ def _compiled_clip_norm():
     return torch.compile(clip, dynamic=False)
 
 
-def implementations(include_compile: bool) -> dict[str, str]:
-    """Implementation name -> the family its byte count follows."""
-    impls = {"tritonclip": "tritonclip", "torch-foreach": "torch", "torch-loop": "torch"}
-    if include_compile:
-        impls["torch-compile"] = "torch"
-    return impls
+def implementations(include_compile: bool) -> list[str]:
+    """The implementations compared, tritonclip first."""
+    impls = ["tritonclip", "torch-foreach", "torch-loop"]
+    return impls + ["torch-compile"] if include_compile else impls
 
 
 def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:

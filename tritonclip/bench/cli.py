@@ -136,7 +136,7 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
     for op in ops:
         cases.normalize_(grads)
         setup = cases.restorer(op, grads) if nbytes * 3 <= _free_bytes(device) else None
-        for impl, family in impls.items():
+        for impl in impls:
             bar.set_description(f"{gset.name} {dtype_name} {op} {impl}")
             record = dict(base, op=op, impl=impl)
             if impl == "torch-compile" and (op not in ("active", "inactive")
@@ -152,7 +152,7 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
                 continue
             fn = cases.callable_for(impl, op, params, grads)
             stats = timing.device_time_ms(fn, device, reps, setup)
-            moved = cases.PASSES[(family, op)] * nbytes
+            moved = cases.PASSES[impl][op] * nbytes
             gbps = moved / (stats["median_ms"] * 1e-3) / 1e9
             record.update(stats, bytes_moved=moved, gbps=gbps, copy_fraction=gbps / copy_gbps)
             if gset.family == "many-small" and setup is None:
