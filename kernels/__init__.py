@@ -2,7 +2,7 @@
 groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
 
 from .clamp import clamp_
-from .norm import accumulation_dtype, finalize, norm_partials
+from .norm import accumulation_dtype, finalize, finalize_clip, norm_partials
 from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, PlanCache, is_vector_aligned, plan_cache
 from .scale import scale_
 
@@ -15,6 +15,7 @@ __all__ = [
     "accumulation_dtype",
     "clamp_",
     "finalize",
+    "finalize_clip",
     "is_vector_aligned",
     "norm_partials",
     "plan_cache",

@@ -88,10 +88,22 @@ def _norm_partials_kernel(
 def _finalize_kernel(
     # pointers
     partials_ptr, segments_ptr, out_ptr,
+    # epilogue outputs (EPILOGUE only): the float32 norm and clip coefficient
+    norm_ptr, coef_ptr,
+    # epilogue scalars: 1 / p (NORM_SUM_POW), max_norm, eps
+    inv_p, max_norm, eps,
     # meta-parameters
-    NORM: tl.constexpr, BLOCK: tl.constexpr,
+    NORM: tl.constexpr, BLOCK: tl.constexpr, EPILOGUE: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
 ):
-    """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment."""
+    """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment.
+
+    With EPILOGUE (one program, segment 0 = the whole group) it also writes the group's norm
+    as float32 and the clip coefficient min(max_norm / (norm + eps), 1), computed with
+    IEEE-rounded sqrt and reciprocal exactly as the torch ops would; with SKIP_NONFINITE a
+    non-finite norm gives coefficient 1. This saves the half-dozen tiny launches of doing
+    the root and the coefficient with torch ops.
+    """
     pid = tl.program_id(0).to(tl.int64)
     start = tl.load(segments_ptr + 2 * pid)
     end = tl.load(segments_ptr + 2 * pid + 1)
@@ -117,7 +129,28 @@ def _finalize_kernel(
         value = tl.where(any_nan(acc), float("nan"), tl.min(acc, axis=0))
     else:
         value = tl.sum(acc, axis=0)
-    tl.store(out_ptr + pid, tl.where(end > start, value, 0.0).to(ACC))
+    value = tl.where(end > start, value, 0.0).to(ACC)
+    tl.store(out_ptr + pid, value)
+    if EPILOGUE:
+        if NORM == NORM_SUM_SQUARES:
+            if ACC == tl.float64:
+                norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
+            else:
+                norm = tl.sqrt_rn(value)  # tl.sqrt of float32 is an approximation
+        elif NORM == NORM_SUM_POW:
+            norm = tl.exp2(tl.log2(value) * inv_p)
+        else:  # p = 1, inf, -inf, 0: the power form is the norm
+            norm = value
+        norm = norm.to(tl.float32)
+        # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
+        # same two roundings give the same coefficient, bit for bit.
+        coef = tl.div_rn(1.0, norm + eps) * max_norm
+        coef = tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        if SKIP_NONFINITE:
+            finite = (norm == norm) & (tl.abs(norm) != float("inf"))
+            coef = tl.where(finite, coef, 1.0)
+        tl.store(norm_ptr, norm)
+        tl.store(coef_ptr, coef)
 
 
 def norm_mode(norm_type: float) -> int:
@@ -172,10 +205,34 @@ def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torc
     Values are in "power" form (sum |g|^p, max, min or count); roots are taken by the caller.
     """
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
+    _launch_finalize(plan, partials, norm_type, out, out, out, plan.n_segments,
+                     max_norm=0.0, eps=0.0, epilogue=False, skip_nonfinite=False)
+    return out
+
+
+def finalize_clip(plan: LaunchPlan, partials: torch.Tensor, norm_type: float, max_norm: float,
+                  eps: float, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce ``partials`` to the group's norm and clip coefficient in one launch.
+
+    Returns (norm, coef): float32 0-dim tensors on the plan's device, with
+    ``coef = min(max_norm / (norm + eps), 1)`` (1 where the norm is not finite and
+    ``skip_nonfinite``). For a list whose gradients form a single group.
+    """
+    out = torch.empty(1, dtype=partials.dtype, device=plan.device)
+    results = torch.empty(2, dtype=torch.float32, device=plan.device)
+    _launch_finalize(plan, partials, norm_type, out, results[0:], results[1:], 1,
+                     max_norm=max_norm, eps=eps, epilogue=True, skip_nonfinite=skip_nonfinite)
+    return results[0], results[1]
+
+
+def _launch_finalize(plan, partials, norm_type, out, norm, coef, n_programs, *, max_norm, eps,
+                     epilogue, skip_nonfinite):
     block, num_warps = finalize_config()
+    mode = norm_mode(norm_type)
     with on_device(plan.device):
-        _finalize_kernel[(plan.n_segments,)](
-            partials, plan.segments, out, NORM=norm_mode(norm_type), BLOCK=block,
+        _finalize_kernel[(n_programs,)](
+            partials, plan.segments, out, norm, coef,
+            1.0 / norm_type if mode == NORM_SUM_POW.value else 1.0, max_norm, eps,
+            NORM=mode, BLOCK=block, EPILOGUE=epilogue, SKIP_NONFINITE=skip_nonfinite,
             num_warps=num_warps,
         )
-    return out

@@ -58,13 +58,18 @@ def specializations():
                         "lo_bits": "i32", "hi_bits": "i64"},
                        dict(common, SOFT_BF16=False), warps)
     block, warps = finalize_config()
+    epilogues = {"": (False, False), "-clip": (True, False), "-clip-skip": (True, True)}
     for norm_name, norm_type in _NORMS.items():
         for partials in ("fp32", "fp64"):
             if norm_name == "count" and partials == "fp32":
                 continue
-            yield (f"finalize-{norm_name}-{partials}", norm._finalize_kernel,
-                   {"partials_ptr": f"*{partials}", "segments_ptr": "*i64", "out_ptr": f"*{partials}"},
-                   dict(NORM=norm.norm_mode(norm_type), BLOCK=block), warps)
+            for suffix, (epilogue, skip) in epilogues.items():
+                yield (f"finalize-{norm_name}-{partials}{suffix}", norm._finalize_kernel,
+                       {"partials_ptr": f"*{partials}", "segments_ptr": "*i64",
+                        "out_ptr": f"*{partials}", "norm_ptr": "*fp32", "coef_ptr": "*fp32",
+                        "inv_p": "fp32", "max_norm": "fp32", "eps": "fp32"},
+                       dict(NORM=norm.norm_mode(norm_type), BLOCK=block, EPILOGUE=epilogue,
+                            SKIP_NONFINITE=skip), warps)
 
 
 def _tool(name, *args):
@@ -92,6 +97,8 @@ def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) ->
         "stg128": len(re.findall(r"\bSTG\.E\.128\b", sass)),
         "local": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        # IEEE-rounded float32 sqrt and division (the finalize epilogue's coefficient)
+        "ieee_sqrt_div": ("sqrt.rn.f32" in compiled.asm["ptx"], "div.rn.f32" in compiled.asm["ptx"]),
         # float32 -> bfloat16 conversions, by rounding mode (rn: to nearest even)
         "bf16_cvt_modes": sorted(set(re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", compiled.asm["ptx"]))),
     }

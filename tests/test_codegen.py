@@ -39,7 +39,7 @@ def _variants(report, kind):
 def test_every_specialization_compiled(report):
     from codegen import specializations
     names = {name for name, *_ in specializations()}
-    assert len(names) == 4 * 2 * (6 + 2) + 2 + 11
+    assert len(names) == 4 * 2 * (6 + 2) + 2 + 11 * 3
     assert set(report) == {f"sm{arch}/{name}" for arch in ARCHS for name in names}
 
 
@@ -69,3 +69,13 @@ def test_bf16_stores_round_to_nearest_even(report):
     for name, info in report.items():
         if "bf16" in name and ("/scale-" in name or "/clamp-" in name):
             assert info["bf16_cvt_modes"] == ["rn"], (name, info["bf16_cvt_modes"])
+
+
+def test_finalize_epilogue_uses_ieee_division_and_sqrt(report):
+    # The coefficient must match torch's bit for bit: approximate div/sqrt would not.
+    for name, info in report.items():
+        if "/finalize-" in name and "-clip" in name:
+            sqrt_rn, div_rn = info["ieee_sqrt_div"]
+            assert div_rn, name
+            if "-sumsq-fp32" in name:
+                assert sqrt_rn, name

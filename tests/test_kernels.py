@@ -135,3 +135,34 @@ def test_nonzero_count_is_exact_past_float32_integers():
     assert partials.dtype == torch.float64 and partials.tolist() == [0.0, 0.0]
     partials.copy_(torch.tensor([2.0**24, 1.0], dtype=torch.float64))
     assert kernels.finalize(plan, partials, 0.0).item() == 2**24 + 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0],
+                         ids=["2", "1", "3.5", "inf", "-inf", "0"])
+def test_finalize_clip_matches_the_torch_formula(dtype, norm_type):
+    from tritonclip._torch_backend import root
+
+    g = random_grads([70001], dtype, seed=4)[0]
+    plan = kernels.plan_cache.get(_spans([g]), g.device, dtype)
+    partials = kernels.norm_partials(plan, norm_type)
+    expected_norm = root(kernels.finalize(plan, partials, norm_type)[0], norm_type).float()
+    for max_norm in (0.5, 1e9, math.inf):
+        norm, coef = kernels.finalize_clip(plan, partials, norm_type, max_norm, 1e-6, False)
+        assert norm.dtype == coef.dtype == torch.float32
+        if norm_type == 3.5:  # exp2/log2 in the kernel, pow in torch
+            torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(norm, expected_norm)
+        assert torch.equal(coef, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_finalize_clip_nonfinite(skip):
+    g = torch.tensor([1.0, float("nan"), 2.0])
+    plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
+    for norm_type in (2.0, math.inf, -math.inf, 0.5):
+        partials = kernels.norm_partials(plan, norm_type)
+        norm, coef = kernels.finalize_clip(plan, partials, norm_type, 1.0, 1e-6, skip)
+        assert norm.isnan()
+        assert coef.item() == 1.0 if skip else coef.isnan()

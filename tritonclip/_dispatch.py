@@ -84,6 +84,24 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
     return value if disjoint and not leftover else None
 
 
+def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
+                         foreach: bool | None, max_norm: float, eps: float,
+                         skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total norm, clip coefficient) for ``clip_grad_norm_``.
+
+    When all gradients form one Triton group of dense spans (one dtype on one device: the
+    common case), the finalize kernel computes both, and the whole clip is three launches:
+    partials, finalize, scale. Otherwise the groups' values are combined with torch ops.
+    """
+    working = [g for g in groups if g.spans or g.others]
+    if (len(working) == 1 and working[0].backend == "triton" and not working[0].others
+            and working[0].device == tensors[0].device):
+        return _triton_backend.norm_and_coefficient(working[0], norm_type, max_norm, eps,
+                                                    skip_nonfinite)
+    total = total_norm(tensors, groups, norm_type, foreach)
+    return total, clip_coefficient(total, max_norm, eps, skip_nonfinite)
+
+
 def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,
                      skip_nonfinite: bool) -> torch.Tensor:
     """min(max_norm / (total + eps), 1) as a float32 0-dim tensor on total's device (0-dim so

@@ -36,6 +36,14 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
     return _torch_backend.reduce_power(torch.cat(parts), norm_type), per
 
 
+def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: float,
+                         skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 norm, clip coefficient) of a group of dense spans: two launches."""
+    plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
+    partials = kernels.norm_partials(plan, norm_type)
+    return kernels.finalize_clip(plan, partials, norm_type, max_norm, eps, skip_nonfinite)
+
+
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
     """One launch per alignment class; every program returns at once when coef >= 1."""
     if group.spans:

@@ -133,8 +133,10 @@ def clip_grad_norm_(
     .. math::
         \min\left(\frac{max\_norm}{total\_norm + eps}, 1\right)
 
-    On CUDA, with the Triton backend, this is two launches per (device, dtype) group for the
-    norm and one for the scale, with no host synchronisation (except ``nonfinite="error"``).
+    On CUDA, with the Triton backend, gradients of one dtype are clipped in three launches
+    (norm partials, a finalize that also computes the coefficient, the scale), with no host
+    synchronisation (except ``nonfinite="error"``). Mixed dtypes or devices add a few small
+    torch ops to combine the groups.
 
     Args:
         parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is clipped; a
@@ -178,11 +180,11 @@ def clip_grad_norm_(
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
     groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
-    total = _dispatch.total_norm(grads, groups, norm_type, foreach)
     if not grads:
-        return total
+        return _dispatch.total_norm(grads, groups, norm_type, foreach)
+    total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach, max_norm,
+                                                 eps, skip_nonfinite=mode == "skip")
     _check_nonfinite(total, mode, norm_type)
-    coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
     _dispatch.scale_(groups, coef, foreach)
     return total
 
