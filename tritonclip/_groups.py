@@ -41,6 +41,7 @@ class Group:
     spans: list[Span]  # disjoint and nonempty
     others: list[torch.Tensor]  # non-dense or sparse tensors, handled with torch ops
     members: list[int]  # positions of this group's tensors in the input list
+    plans: dict = dataclasses.field(default_factory=dict)  # launch plans, memoized per call
 
     @property
     def element_size(self) -> int:

@@ -14,6 +14,15 @@ from . import _torch_backend
 from ._groups import Group
 
 
+def _plan(group: Group, per_span: bool = False) -> kernels.LaunchPlan:
+    """The group's launch plan, looked up once per call (norm and scale share it)."""
+    plan = group.plans.get(per_span)
+    if plan is None:
+        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
+        group.plans[per_span] = plan
+    return plan
+
+
 def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,
                 per_span: bool = False):
     """(power-form value of the group, per-span norms or None): two launches (partials,
@@ -21,7 +30,7 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
     parts = []
     per = None
     if group.spans:
-        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
+        plan = _plan(group, per_span)
         partials = kernels.norm_partials(plan, norm_type)
         values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
         parts.append(values[:1])
@@ -31,7 +40,7 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
         norms = _torch_backend.tensor_norms(group.others, norm_type, acc_dtype, group.device,
                                             foreach)
         parts.append(_torch_backend.power_form(norms, norm_type))
-    if len(parts) == 1 and not group.others:
+    if not group.others:
         return parts[0][0], per
     return _torch_backend.reduce_power(torch.cat(parts), norm_type), per
 
@@ -39,7 +48,7 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
 def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: float,
                          skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 norm, clip coefficient) of a group of dense spans: two launches."""
-    plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
+    plan = _plan(group)
     partials = kernels.norm_partials(plan, norm_type)
     return kernels.finalize_clip(plan, partials, norm_type, max_norm, eps, skip_nonfinite)
 
@@ -47,15 +56,13 @@ def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: f
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
     """One launch per alignment class; every program returns at once when coef >= 1."""
     if group.spans:
-        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
-        kernels.scale_(plan, coef)
+        kernels.scale_(_plan(group), coef)
     for t in group.others:
         _torch_backend.mul_(t, coef)
 
 
 def clamp_(group: Group, lo: float, hi: float, foreach: bool | None) -> None:
     if group.spans:
-        plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype)
-        kernels.clamp_(plan, lo, hi)
+        kernels.clamp_(_plan(group), lo, hi)
     for t in group.others:
         t.clamp_(lo, hi)
