@@ -4,8 +4,9 @@ Each distinct storage region is counted and written once: dense tensors (contigu
 permutation of a contiguous block) are turned into [start, end) element intervals of their
 storage; intervals that overlap (aliases, a parameter listed twice) or touch (DDP bucket views,
 FSDP flat parameters) are merged into one span. Tensors that are not dense (a slice with a
-step, an expanded view) cannot be described by one interval: they stay tensors, are handled by
-torch ops, and are deduplicated only when they are the very same view.
+step) cannot be described by one interval: they stay tensors and are handled by torch ops;
+one that lies inside a dense span is dropped (its elements are already there), and one whose
+memory range partly overlaps another gradient is rejected (see ``_strided_outside``).
 """
 
 from __future__ import annotations
