@@ -2,7 +2,7 @@
 groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
 
 from .clamp import clamp_
-from .norm import accumulation_dtype, finalize, finalize_clip, norm_partials
+from .norm import accumulation_dtype, finalize, finalize_clip, fuses_coefficient, norm_partials
 from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, PlanCache, is_vector_aligned, plan_cache
 from .scale import scale_
 
@@ -16,6 +16,7 @@ __all__ = [
     "clamp_",
     "finalize",
     "finalize_clip",
+    "fuses_coefficient",
     "is_vector_aligned",
     "norm_partials",
     "plan_cache",

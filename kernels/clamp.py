@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
-from .config import on_device, soft_bf16_rounding, stream_meta
+from .config import float64_bits, on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
 
 
@@ -42,10 +40,6 @@ def _clamp_kernel(
         tl.store(base + offs, store_cast(tl.where(x != x, x, y), DTYPE, SOFT_BF16), mask=mask)
 
 
-def _float64_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite)."""
     meta = stream_meta(plan.dtype)
@@ -53,6 +47,6 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
         for launch in plan.launches:
             _clamp_kernel[(launch.n_chunks,)](
                 launch.table, launch.n_spans, launch.n_chunks,
-                _float64_bits(lo), _float64_bits(hi),
+                float64_bits(lo), float64_bits(hi),
                 ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
             )

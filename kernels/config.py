@@ -8,6 +8,7 @@ a bandwidth-bound Triton elementwise loop; replace with a measured table when on
 
 import contextlib
 import os
+import struct
 
 import torch
 import triton.language as tl
@@ -60,3 +61,9 @@ def on_device(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def float64_bits(value: float) -> int:
+    """The bit pattern of ``value`` as a float64, as a signed int: how the kernels take float
+    scalars that must keep float64 precision (bitcast back in the kernel)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]

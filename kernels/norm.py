@@ -25,19 +25,20 @@ from ._helpers import (
     any_nan,
     chunk_bounds,
 )
-from .config import finalize_config, on_device, stream_meta
+from .config import finalize_config, float64_bits, on_device, stream_meta
 from .plan import LaunchPlan
 
 
 # Sizes are not specialized: one compilation per (dtype, norm, alignment) serves every model.
-@triton.jit(do_not_specialize=["n_spans", "n_chunks", "partial_offset"])
+@triton.jit(do_not_specialize=["n_spans", "n_chunks", "partial_offset", "p_bits"])
 def _norm_partials_kernel(
     # pointers
     table_ptr, partials_ptr,
     # sizes
     n_spans, n_chunks, partial_offset,
-    # order of the norm, used by NORM_SUM_POW only
-    p,
+    # order of the norm (NORM_SUM_POW only), as the bits of a float64: Triton passes Python
+    # floats as float32, which would round p for float64 gradients
+    p_bits,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
@@ -64,6 +65,7 @@ def _norm_partials_kernel(
         elif NORM == NORM_SUM_POW:
             # |x|^p = 2^(p log2|x|); masked lanes zeroed after the transform, since 0^p is
             # inf for p < 0.
+            p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
             acc += tl.where(mask, tl.exp2(p * tl.log2(tl.abs(x))), 0.0)
         elif NORM == NORM_MAX:
             acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
@@ -90,15 +92,16 @@ def _finalize_kernel(
     partials_ptr, segments_ptr, out_ptr,
     # epilogue outputs (EPILOGUE only): the float32 norm and clip coefficient
     norm_ptr, coef_ptr,
-    # epilogue scalars: 1 / p (NORM_SUM_POW), max_norm, eps
-    inv_p, max_norm, eps,
+    # epilogue scalars
+    max_norm, eps,
     # meta-parameters
     NORM: tl.constexpr, BLOCK: tl.constexpr, EPILOGUE: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
 ):
     """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment.
 
-    With EPILOGUE (one program, segment 0 = the whole group) it also writes the group's norm
+    With EPILOGUE (one program, segment 0 = the whole group; p = 0, 1, 2, inf or -inf, whose
+    root is exact or a correctly rounded sqrt) it also writes the group's norm
     as float32 and the clip coefficient min(max_norm / (norm + eps), 1), computed with
     IEEE-rounded sqrt and reciprocal exactly as the torch ops would; with SKIP_NONFINITE a
     non-finite norm gives coefficient 1. This saves the half-dozen tiny launches of doing
@@ -137,9 +140,9 @@ def _finalize_kernel(
                 norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
             else:
                 norm = tl.sqrt_rn(value)  # tl.sqrt of float32 is an approximation
-        elif NORM == NORM_SUM_POW:
-            norm = tl.exp2(tl.log2(value) * inv_p)
         else:  # p = 1, inf, -inf, 0: the power form is the norm
+            # A general p's root (exp2/log2: approximate on a GPU) is left to torch.pow.
+            tl.static_assert(NORM != NORM_SUM_POW)
             norm = value
         norm = norm.to(tl.float32)
         # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
@@ -191,7 +194,7 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
             _norm_partials_kernel[(launch.n_chunks,)](
                 launch.table, partials,
                 launch.n_spans, launch.n_chunks, launch.partial_offset,
-                float(norm_type) if mode == NORM_SUM_POW.value else 1.0,
+                float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0),
                 NORM=mode, ALIGNED=launch.aligned, **meta,
             )
     return partials
@@ -216,13 +219,23 @@ def finalize_clip(plan: LaunchPlan, partials: torch.Tensor, norm_type: float, ma
 
     Returns (norm, coef): float32 0-dim tensors on the plan's device, with
     ``coef = min(max_norm / (norm + eps), 1)`` (1 where the norm is not finite and
-    ``skip_nonfinite``). For a list whose gradients form a single group.
+    ``skip_nonfinite``). For a list whose gradients form a single group, and ``norm_type``
+    0, 1, 2, inf or -inf (see :func:`fuses_coefficient`).
     """
+    if not fuses_coefficient(norm_type):
+        raise ValueError(f"finalize_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")
     out = torch.empty(1, dtype=partials.dtype, device=plan.device)
-    results = torch.empty(2, dtype=torch.float32, device=plan.device)
-    _launch_finalize(plan, partials, norm_type, out, results[0:], results[1:], 1,
+    norm = torch.empty((), dtype=torch.float32, device=plan.device)
+    coef = torch.empty((), dtype=torch.float32, device=plan.device)
+    _launch_finalize(plan, partials, norm_type, out, norm, coef, 1,
                      max_norm=max_norm, eps=eps, epilogue=True, skip_nonfinite=skip_nonfinite)
-    return results[0], results[1]
+    return norm, coef
+
+
+def fuses_coefficient(norm_type: float) -> bool:
+    """Whether :func:`finalize_clip` takes this norm order: those whose root is exact (0, 1,
+    inf, -inf) or a correctly rounded sqrt (2), so the fused result equals the unfused one."""
+    return norm_mode(norm_type) != NORM_SUM_POW.value
 
 
 def _launch_finalize(plan, partials, norm_type, out, norm, coef, n_programs, *, max_norm, eps,
@@ -231,8 +244,7 @@ def _launch_finalize(plan, partials, norm_type, out, norm, coef, n_programs, *, 
     mode = norm_mode(norm_type)
     with on_device(plan.device):
         _finalize_kernel[(n_programs,)](
-            partials, plan.segments, out, norm, coef,
-            1.0 / norm_type if mode == NORM_SUM_POW.value else 1.0, max_norm, eps,
+            partials, plan.segments, out, norm, coef, max_norm, eps,
             NORM=mode, BLOCK=block, EPILOGUE=epilogue, SKIP_NONFINITE=skip_nonfinite,
             num_warps=num_warps,
         )

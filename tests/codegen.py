@@ -42,7 +42,7 @@ def specializations():
                 partials = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
                 yield (f"norm_partials-{norm_name}-{tag}", norm._norm_partials_kernel,
                        {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i32",
-                        "n_chunks": "i32", "partial_offset": "i32", "p": "fp32"},
+                        "n_chunks": "i32", "partial_offset": "i32", "p_bits": "i64"},
                        dict(common, NORM=norm.norm_mode(norm_type)), warps)
             yield (f"scale-{tag}", scale._scale_kernel,
                    {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i32", "n_chunks": "i32"},
@@ -64,10 +64,12 @@ def specializations():
             if norm_name == "count" and partials == "fp32":
                 continue
             for suffix, (epilogue, skip) in epilogues.items():
+                if epilogue and not norm.fuses_coefficient(norm_type):
+                    continue
                 yield (f"finalize-{norm_name}-{partials}{suffix}", norm._finalize_kernel,
                        {"partials_ptr": f"*{partials}", "segments_ptr": "*i64",
                         "out_ptr": f"*{partials}", "norm_ptr": "*fp32", "coef_ptr": "*fp32",
-                        "inv_p": "fp32", "max_norm": "fp32", "eps": "fp32"},
+                        "max_norm": "fp32", "eps": "fp32"},
                        dict(NORM=norm.norm_mode(norm_type), BLOCK=block, EPILOGUE=epilogue,
                             SKIP_NONFINITE=skip), warps)
 

@@ -89,12 +89,14 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
     """(total norm, clip coefficient) for ``clip_grad_norm_``.
 
     When all gradients form one Triton group of dense spans (one dtype on one device: the
-    common case), the finalize kernel computes both, and the whole clip is three launches:
-    partials, finalize, scale. Otherwise the groups' values are combined with torch ops.
+    common case) and the norm is 0, 1, 2, inf or -inf, the finalize kernel computes both, and
+    the whole clip is three launches: partials, finalize, scale. Otherwise the groups' values
+    are combined with torch ops.
     """
     working = [g for g in groups if g.spans or g.others]
     if (len(working) == 1 and working[0].backend == "triton" and not working[0].others
-            and working[0].device == tensors[0].device):
+            and working[0].device == tensors[0].device
+            and _triton_backend.kernels.fuses_coefficient(norm_type)):
         return _triton_backend.norm_and_coefficient(working[0], norm_type, max_norm, eps,
                                                     skip_nonfinite)
     total = total_norm(tensors, groups, norm_type, foreach)

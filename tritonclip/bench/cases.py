@@ -32,6 +32,17 @@ OPS = ("active", "inactive", "norm", "value")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "mixed": [torch.bfloat16, torch.float32]}
 
+def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
+    """Bytes that ``impl`` must move for ``op`` on ``grads`` (the table above). tritonclip's
+    torch backend (CPU) clamps tensors below a size in two batched passes: counted as 4N."""
+    if impl == "tritonclip" and op == "value" and grads and grads[0].device.type != "cuda":
+        from tritonclip._torch_backend import _ONE_PASS_CLAMP_MIN_NUMEL as one_pass
+
+        return sum((2 if g.numel() >= one_pass else 4) * g.numel() * g.element_size()
+                   for g in grads)
+    return PASSES[impl][op] * sum(g.numel() * g.element_size() for g in grads)
+
+
 # Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
     "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2},
@@ -115,6 +126,9 @@ def _compiled_clip_norm():
         torch._foreach_mul_(grads, coef)
         return total
 
+    # Each gradient set is a new graph; without a reset dynamo stops compiling after
+    # recompile_limit (8) sets and silently runs the function eagerly.
+    torch._dynamo.reset()
     return torch.compile(clip, dynamic=False)
 
 

@@ -31,7 +31,7 @@ def format_table(result: dict) -> str:
         if r["impl"] not in impls:
             impls.append(r["impl"])
     others = [i for i in impls if i != "tritonclip"]
-    header = (f"{'set':<12} {'dtype':<5} {'op':<8} {'MB':>8} "
+    header = (f"{'set':<12} {'dtype':<5} {'op':<8} {'MiB':>8} "
               + "".join(f"{i + ' ms':>19}" for i in others)
               + f"{'tritonclip ms':>15} {'speedup':>8} {'GB/s':>8} {'% copy':>7} {'wall x':>7}")
     lines += [header, "-" * len(header)]
