@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tritonclip import kernels  # noqa: E402
-from tritonclip._groups import interpreter_enabled  # noqa: E402
+from tritonclip._groups import clear_layout_cache, interpreter_enabled  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_plan_cache():
+def _fresh_caches():
     kernels.plan_cache.clear()
+    clear_layout_cache()
     yield

@@ -289,3 +289,38 @@ def test_norm_is_float32_whatever_the_default_dtype(backend):
         assert tritonclip.get_total_norm([torch.ones(3)], backend=backend).dtype == torch.float32
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_layout_cache_reuses_grouping_for_the_same_tensors(monkeypatch):
+    from tritonclip import _groups
+
+    grads = random_grads([10, 20, 30], torch.float32)
+    params = params_with(grads)
+    tritonclip.clip_grad_norm_(params, 1e-3)
+    monkeypatch.setattr(_groups, "_layouts", lambda *a: pytest.fail("grouped again"))
+    before = [g.clone() for g in grads]
+    total = tritonclip.clip_grad_norm_(params, 1e-3)
+    assert_norm_close(total, reference.total_norm(before, 2.0))
+    for g, b in zip(grads, before):
+        assert_scaled_once(g, b, applied_coefficient(total, 1e-3))
+
+
+@pytest.mark.parametrize("change", ["new-tensor", "dtype", "transpose", "view-offset"])
+def test_layout_cache_notices_a_changed_list(change):
+    base = random_grads([64], torch.float32)[0]
+    grads = [base[:32].view(4, 8), base[32:]]
+    tritonclip.get_total_norm(grads)  # cached
+    if change == "new-tensor":
+        grads[1] = random_grads([32], torch.float32, seed=5)[0]
+        expected = [grads[0], grads[1]]
+    elif change == "dtype":
+        grads = [g.double() for g in grads]
+        expected = grads
+    elif change == "transpose":
+        grads[0] = grads[0].t()
+        expected = [base]
+    else:  # same storage, shifted view: the two no longer touch but overlap
+        grads[1] = base[16:48]
+        expected = [base[:48]]
+    total = tritonclip.get_total_norm(grads)
+    assert_norm_close(total, reference.total_norm(expected, 2.0))

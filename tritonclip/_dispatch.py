@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _torch_backend, _triton_backend
-from ._groups import Group, span_of_each
+from ._groups import Group, Layout, span_of_each
 
 _BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
 
@@ -63,10 +63,11 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
     """Write each member's norm into ``out``; return the group's power-form value when the
     same pass gives it (the members' spans are disjoint and all dense), else None."""
     members = [tensors[i] for i in group.members]
-    spans, which, disjoint = span_of_each(members)
+    spans, which, disjoint = span_of_each(members, group.members)
     value, norms = None, None
     if spans:
-        span_group = Group(group.device, group.dtype, group.backend, spans, [], group.members)
+        span_group = Group(Layout(group.device, group.dtype, group.backend, spans, [],
+                                  group.members), tensors)
         value, norms = backend.group_power(span_group, norm_type, acc, foreach, per_span=True)
     leftover = [i for i, w in zip(group.members, which) if w is None and tensors[i].numel() > 0]
     dense = [(i, w) for i, w in zip(group.members, which) if w is not None]

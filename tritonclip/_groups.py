@@ -11,7 +11,9 @@ memory range partly overlaps another gradient is rejected (see ``_strided_outsid
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import operator
 import os
 from typing import NamedTuple
 
@@ -28,35 +30,55 @@ class Span(NamedTuple):
     base: int  # address of the storage's element 0
     start: int
     numel: int
-    source: torch.Tensor  # a tensor of that storage
-    whole: bool  # the span is exactly ``source``, which is contiguous: use it as is
+    source: int  # position in the input list of a tensor of that storage
+    whole: bool  # the span is exactly that tensor, which is contiguous: use it as is
 
 
 @dataclasses.dataclass
-class Group:
-    """Gradients of one (device, dtype, layout), as merged spans plus leftovers."""
+class Layout:
+    """How one (device, dtype, layout) group of a tensor list lies in memory. It refers to
+    tensors by their position in the list, never holds one, and so can be cached."""
 
     device: torch.device
     dtype: torch.dtype
     backend: str  # "triton" or "torch"
     spans: list[Span]  # disjoint and nonempty
-    others: list[torch.Tensor]  # non-dense or sparse tensors, handled with torch ops
-    members: list[int]  # positions of this group's tensors in the input list
-    plans: dict = dataclasses.field(default_factory=dict)  # launch plans, memoized per call
+    others: list[int]  # positions of the non-dense or sparse tensors (torch ops)
+    members: list[int]  # positions of all of this group's tensors
+    plans: dict = dataclasses.field(default_factory=dict)  # launch plans, by per_span
+
+
+class Group:
+    """A :class:`Layout` bound to the tensors of one call."""
+
+    __slots__ = ("layout", "tensors")
+
+    def __init__(self, layout: Layout, tensors: list[torch.Tensor]):
+        self.layout = layout
+        self.tensors = tensors
+
+    device = property(lambda self: self.layout.device)
+    dtype = property(lambda self: self.layout.dtype)
+    backend = property(lambda self: self.layout.backend)
+    spans = property(lambda self: self.layout.spans)
+    members = property(lambda self: self.layout.members)
+    plans = property(lambda self: self.layout.plans)
 
     @property
-    def element_size(self) -> int:
-        return self.dtype.itemsize
+    def others(self) -> list[torch.Tensor]:
+        return [self.tensors[i] for i in self.layout.others]
 
     def addresses(self) -> list[tuple[int, int]]:
         """(address, numel) of every span: what a kernel launch plan is built from."""
-        size = self.element_size
+        size = self.dtype.itemsize
         return [(s.base + s.start * size, s.numel) for s in self.spans]
 
     def views(self) -> list[torch.Tensor]:
-        """Tensors over the spans, for torch ops (built per call: views hold storage)."""
+        """Tensors over the spans, for torch ops."""
+        tensors = self.tensors
         return [
-            s.source if s.whole else s.source.detach().as_strided((s.numel,), (1,), s.start)
+            tensors[s.source] if s.whole
+            else tensors[s.source].detach().as_strided((s.numel,), (1,), s.start)
             for s in self.spans
         ]
 
@@ -100,17 +122,63 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
     )
 
 
+# Layouts of recent tensor lists. Training clips the same parameters every step, and their
+# gradients usually come back at the same addresses: the signature (a few attribute reads per
+# tensor) then replaces the grouping, merging, checks and plan look-up of a new call.
+_LAYOUT_CACHE_SIZE = 16
+_layout_cache: collections.OrderedDict = collections.OrderedDict()
+
+
 def group_tensors(tensors: list[torch.Tensor], requested_backend: str, name: str = "gradients",
                   purpose: str = "read") -> list[Group]:
     """Group ``tensors`` by (device, dtype, layout) into merged, deduplicated spans.
 
     Every group is checked (:func:`_validate.check_group`) and given its backend before this
-    returns, so a ``TypeError``/``ValueError`` comes before anything is launched.
+    returns, so a ``TypeError``/``ValueError`` comes before anything is launched. A list with
+    the same signature as a recent one (:func:`_signature`) reuses its layouts.
     """
+    key = _signature(tensors, requested_backend, purpose)
+    layouts = _layout_cache.get(key) if key is not None else None
+    if layouts is None:
+        layouts = _layouts(tensors, requested_backend, name, purpose)
+        if key is not None:
+            _layout_cache[key] = layouts
+            while len(_layout_cache) > _LAYOUT_CACHE_SIZE:
+                _layout_cache.popitem(last=False)
+    else:
+        _layout_cache.move_to_end(key)
+    return [Group(layout, tensors) for layout in layouts]
+
+
+def _signature(tensors: list[torch.Tensor], requested_backend: str, purpose: str):
+    """Everything the layouts depend on, or None for lists that are not cached (sparse).
+
+    Addresses, sizes, storage offsets (which storage a tensor is in), dtypes, devices and
+    contiguity; shape and strides of non-contiguous tensors; and what the checks and the
+    backend choice depend on besides.
+    """
+    try:
+        pointers = tuple(map(torch.Tensor.data_ptr, tensors))
+    except RuntimeError:  # sparse tensors have no data pointer
+        return None
+    contiguous = tuple(map(torch.Tensor.is_contiguous, tensors))
+    strided = tuple((i, tensors[i].shape, tensors[i].stride())
+                    for i, c in enumerate(contiguous) if not c)
+    return (requested_backend, purpose, interpreter_enabled(), pointers,
+            tuple(map(torch.Tensor.numel, tensors)),
+            tuple(map(torch.Tensor.storage_offset, tensors)),
+            tuple(map(_DTYPE, tensors)), tuple(map(_DEVICE, tensors)), contiguous, strided)
+
+
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+def _layouts(tensors, requested_backend, name, purpose) -> list[Layout]:
     buckets: dict[tuple, list[int]] = {}
     for index, t in enumerate(tensors):
         buckets.setdefault((t.device, t.dtype, t.layout), []).append(index)
-    groups = []
+    layouts = []
     for (device, dtype, layout), indices in buckets.items():
         members = [tensors[i] for i in indices]
         _validate.check_group(device, dtype, layout, members, indices, name, purpose)
@@ -118,18 +186,22 @@ def group_tensors(tensors: list[torch.Tensor], requested_backend: str, name: str
         if layout == torch.strided:
             spans, others = _merge(members, indices, dtype.itemsize)
         else:
-            spans, others = [], _unique(members)
-        groups.append(Group(device, dtype, backend, spans, others, indices))
-    return groups
+            spans, others = [], _unique(members, indices)
+        layouts.append(Layout(device, dtype, backend, spans, others, indices))
+    return layouts
 
 
-def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sparse tensors, each once."""
+def clear_layout_cache() -> None:
+    _layout_cache.clear()
+
+
+def _unique(tensors: list[torch.Tensor], positions: list[int]) -> list[int]:
+    """Positions of the sparse tensors, each tensor once."""
     seen, result = set(), []
-    for t in tensors:
+    for t, position in zip(tensors, positions):
         if id(t) not in seen:
             seen.add(id(t))
-            result.append(t)
+            result.append(position)
     return result
 
 
@@ -145,20 +217,19 @@ def _merge(tensors: list[torch.Tensor], positions: list[int], itemsize: int):
         if contiguous or dense_extent(t):
             start = t.storage_offset()
             base = t.data_ptr() - start * itemsize
-            # index breaks ties so that tensors are never compared
-            intervals.append((base, start, start + numel, index, t, contiguous))
+            intervals.append((base, start, start + numel, positions[index], contiguous))
         else:
             strided.append((positions[index], t))
     intervals.sort()
     spans: list[Span] = []
-    for base, start, end, _, t, contiguous in intervals:
+    for base, start, end, position, contiguous in intervals:
         last = spans[-1] if spans else None
         if last is not None and last.base == base and start <= last.start + last.numel:
             # Overlapping or touching: extend the last span (a contained one changes nothing).
             if end > last.start + last.numel:
                 spans[-1] = Span(base, last.start, end - last.start, last.source, False)
         else:
-            spans.append(Span(base, start, end - start, t, contiguous))
+            spans.append(Span(base, start, end - start, position, contiguous))
     return spans, _strided_outside(spans, strided)
 
 
@@ -170,7 +241,7 @@ def _strided_outside(spans: list[Span], strided: list[tuple[int, torch.Tensor]])
     span or another non-dense view cannot be counted once without an element-wise check, and
     raises ``ValueError`` (before anything is launched) rather than count elements twice.
     """
-    kept: list[tuple[int, int, int, torch.Tensor]] = []
+    kept: list[tuple[int, int, int, int]] = []
     seen = set()
     for position, t in strided:
         key = (t.data_ptr(), t.shape, t.stride())
@@ -192,12 +263,14 @@ def _strided_outside(spans: list[Span], strided: list[tuple[int, torch.Tensor]])
                 "elements cannot be counted once. Pass contiguous gradients, or the whole "
                 "tensor they are views of."
             )
-        kept.append((base, start, end, t))
+        kept.append((base, start, end, position))
     return [k[3] for k in kept]
 
 
-def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], bool]:
-    """Per-tensor spans for per-tensor norms.
+def span_of_each(tensors: list[torch.Tensor], positions: list[int]
+                 ) -> tuple[list[Span], list[int | None], bool]:
+    """Per-tensor spans for per-tensor norms (``positions``: the tensors' places in the list
+    that the spans' ``source`` refers to).
 
     Returns (unique dense spans, index of each tensor's span or None when the tensor is empty
     or not dense, whether the unique spans are pairwise disjoint).
@@ -205,7 +278,7 @@ def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], b
     index_of: dict[tuple[int, int, int], int] = {}
     spans = []
     which: list[int | None] = []
-    for t in tensors:
+    for t, position in zip(tensors, positions):
         if t.numel() == 0 or t.layout != torch.strided or not dense_extent(t):
             which.append(None)
             continue
@@ -213,7 +286,7 @@ def span_of_each(tensors: list[torch.Tensor]) -> tuple[list, list[int | None], b
         key = (base, t.storage_offset(), t.numel())
         if key not in index_of:
             index_of[key] = len(spans)
-            spans.append(Span(base, t.storage_offset(), t.numel(), t, t.is_contiguous()))
+            spans.append(Span(base, t.storage_offset(), t.numel(), position, t.is_contiguous()))
         which.append(index_of[key])
     ordered = sorted(spans, key=lambda s: (s.base, s.start))
     disjoint = all(
