@@ -21,13 +21,14 @@ def _scale_kernel(
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    SOFT_BF16: tl.constexpr, SKIP_AT_LEAST_ONE: tl.constexpr,
 ):
-    """g *= coef over chunk ``pid`` of the plan, unless coef >= 1 (then nothing is touched)."""
+    """g *= coef over chunk ``pid`` of the plan; with SKIP_AT_LEAST_ONE (clipping), nothing is
+    touched when coef >= 1. Without it (an AMP unscale folded in) every coefficient applies."""
     coef = tl.load(coef_ptr)
     # Clipping inactive: return before reading any gradient, so the scale pass costs one
     # 4-byte load per program. A NaN coefficient does not compare >= 1 and propagates.
-    if coef >= 1.0:
+    if SKIP_AT_LEAST_ONE and coef >= 1.0:
         return
     pid = tl.program_id(0).to(tl.int64)
     base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
@@ -39,13 +40,15 @@ def _scale_kernel(
         tl.store(base + offs, store_cast(x.to(ACC) * coef, DTYPE, SOFT_BF16), mask=mask)
 
 
-def scale_(plan: LaunchPlan, coef: torch.Tensor) -> None:
+def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
     """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
-    plan's device); a coefficient >= 1 leaves the memory untouched."""
+    plan's device). With ``skip_at_least_one`` (a clip coefficient) a coefficient >= 1 leaves
+    the memory untouched; without it (e.g. an unscale by 1/scale folded in) it is applied."""
     meta = stream_meta(plan.dtype)
     with on_device(plan.device):
         for launch in plan.launches:
             _scale_kernel[(launch.n_chunks,)](
                 launch.table, coef, launch.n_spans, launch.n_chunks,
-                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
+                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(),
+                SKIP_AT_LEAST_ONE=skip_at_least_one, **meta,
             )

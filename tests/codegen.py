@@ -44,9 +44,11 @@ def specializations():
                        {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i32",
                         "n_chunks": "i32", "partial_offset": "i32", "p_bits": "i64"},
                        dict(common, NORM=norm.norm_mode(norm_type)), warps)
-            yield (f"scale-{tag}", scale._scale_kernel,
-                   {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i32", "n_chunks": "i32"},
-                   dict(common, SOFT_BF16=False), warps)
+            for suffix, skip in (("", True), ("-noskip", False)):
+                yield (f"scale-{tag}{suffix}", scale._scale_kernel,
+                       {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i32",
+                        "n_chunks": "i32"},
+                       dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip), warps)
             yield (f"clamp-{tag}", clamp._clamp_kernel,
                    {"table_ptr": "*i64", "n_spans": "i32", "n_chunks": "i32", "lo_bits": "i64",
                     "hi_bits": "i64"},

@@ -115,12 +115,14 @@ def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,
     return coef
 
 
-def scale_(groups: list[Group], coef: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply every group's distinct storage regions in place by ``coef``."""
+def scale_(groups: list[Group], coef: torch.Tensor, foreach: bool | None,
+           skip_at_least_one: bool = True) -> None:
+    """Multiply every group's distinct storage regions in place by ``coef`` (skipped where it
+    is >= 1, if ``skip_at_least_one``: a clip coefficient)."""
     coefs = [move(coef, group.device) for group in groups]
     for group, group_coef in zip(groups, coefs):
         if group.spans or group.others:
-            _BACKENDS[group.backend].scale_(group, group_coef, foreach)
+            _BACKENDS[group.backend].scale_(group, group_coef, foreach, skip_at_least_one)
 
 
 def clamp_(groups: list[Group], lo: float, hi: float, foreach: bool | None) -> None:

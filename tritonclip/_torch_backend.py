@@ -133,9 +133,11 @@ def mul_(t: torch.Tensor, coef: torch.Tensor) -> None:
         t.mul_(coef)
 
 
-def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply the group's gradients in place by ``coef``; skipped on CPU when coef >= 1."""
-    if coef.device.type == "cpu" and not (coef.item() < 1.0 or math.isnan(coef.item())):
+def scale_(group: Group, coef: torch.Tensor, foreach: bool | None,
+           skip_at_least_one: bool = True) -> None:
+    """Multiply the group's gradients in place by ``coef``; skipped on CPU when coef >= 1 (if
+    ``skip_at_least_one``), since reading a CPU scalar costs no synchronisation."""
+    if skip_at_least_one and coef.device.type == "cpu" and coef.item() >= 1.0:
         return
     tensors = group.views() + group.others
     if use_foreach(tensors, group.device, foreach):

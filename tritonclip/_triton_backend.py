@@ -53,10 +53,12 @@ def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: f
     return kernels.finalize_clip(plan, partials, norm_type, max_norm, eps, skip_nonfinite)
 
 
-def scale_(group: Group, coef: torch.Tensor, foreach: bool | None) -> None:
-    """One launch per alignment class; every program returns at once when coef >= 1."""
+def scale_(group: Group, coef: torch.Tensor, foreach: bool | None,
+           skip_at_least_one: bool = True) -> None:
+    """One launch per alignment class; every program returns at once when coef >= 1 (if
+    ``skip_at_least_one``)."""
     if group.spans:
-        kernels.scale_(_plan(group), coef)
+        kernels.scale_(_plan(group), coef, skip_at_least_one)
     for t in group.others:
         _torch_backend.mul_(t, coef)
 

@@ -120,3 +120,36 @@ def test_strided_half_grads_scaled_with_a_float32_coefficient():
     before = strided.clone()
     total = tritonclip.clip_grad_norm_(params_with([strided]), 1e-3)
     assert_scaled_once(strided, before, applied_coefficient(total, 1e-3))
+
+
+def test_amp_unscale_and_clip_matches_two_calls_without_sync():
+    import tritonclip.amp
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(256, 256).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**14) for _ in models]
+    x = torch.randn(64, 256, device="cuda")
+    for step in range(3):
+        norms = []
+        for i, (model, optimizer, scaler) in enumerate(zip(models, optimizers, scalers)):
+            optimizer.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if i == 0:
+                scaler.unscale_(optimizer)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+            else:
+                if step == 2:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    norms.append(tritonclip.amp.unscale_and_clip_(scaler, optimizer, 0.1))
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            scaler.step(optimizer)
+            scaler.update()
+        assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-5)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
