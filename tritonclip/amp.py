@@ -72,13 +72,7 @@ def unscale_and_clip_grads_(
         return torch.zeros((), device=device), torch.zeros((), device=device)
 
     scaled_norm = _dispatch.total_norm(grads, groups, norm_type, foreach)
-    if norm_type > 0 and not math.isinf(norm_type) or norm_type == math.inf:
-        # sum |g|^p and max |g| are non-finite exactly when some gradient is.
-        nonfinite_norm = scaled_norm
-    else:
-        # p = 0, -inf or < 0 hide an inf among finite gradients: look with max |g|.
-        nonfinite_norm = _dispatch.total_norm(grads, groups, math.inf, foreach)
-    found_inf = (~torch.isfinite(nonfinite_norm)).float()
+    found_inf = nonfinite_flag(grads, groups, norm_type, scaled_norm, foreach)
     total = scaled_norm * inv_scale
     if mode == "error" and bool(found_inf):
         raise RuntimeError(
@@ -91,6 +85,17 @@ def unscale_and_clip_grads_(
         factor = torch.where(found_inf > 0, torch.ones_like(factor), factor)
     _dispatch.scale_(groups, factor, foreach, skip_at_least_one=False)
     return total, found_inf
+
+
+def nonfinite_flag(grads, groups, norm_type: float, norm: torch.Tensor,
+                   foreach: bool | None) -> torch.Tensor:
+    """1.0 if any gradient is inf or NaN, else 0.0 (float32, on ``norm``'s device), from the
+    ``norm_type`` norm already computed when it shows them, else from one more read."""
+    if not (norm_type > 0 and not math.isinf(norm_type) or norm_type == math.inf):
+        # p = 0, -inf or < 0 hide an inf among finite gradients: look with max |g|.
+        norm = _dispatch.total_norm(grads, groups, math.inf, foreach)
+    # sum |g|^p (p > 0) and max |g| are non-finite exactly when some gradient is.
+    return (~torch.isfinite(norm)).float()
 
 
 @torch.no_grad()

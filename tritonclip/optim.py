@@ -1,0 +1,134 @@
+"""Clipping folded into torch's fused optimizers: the norm is read once, and the optimizer's
+own step applies the coefficient, instead of a separate read + write of every gradient.
+
+torch's fused Adam, AdamW and SGD (``fused=True``) divide the gradients by a device tensor
+``optimizer.grad_scale`` and skip the step where ``optimizer.found_inf`` is set; GradScaler
+uses these to unscale. :func:`clip_into_` sets them so that the division also clips.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from . import _dispatch, _validate, amp
+from ._groups import group_tensors
+from .clip_grad import clip_grad_norm_
+
+__all__ = ["clip_into_", "folds_into"]
+
+_HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
+
+
+def folds_into(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step applies ``grad_scale`` itself (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+@torch.no_grad()
+def clip_into_(
+    optimizer: torch.optim.Optimizer,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    backend: str | None = None,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> torch.Tensor:
+    r"""Clip the gradients of ``optimizer``'s parameters through its next step.
+
+    Computes the total norm as :func:`tritonclip.clip_grad_norm_` does, but leaves the
+    gradients alone: the coefficient :math:`\min(max\_norm / (norm + eps), 1)` is handed to
+    the optimizer's fused step as ``optimizer.grad_scale = 1 / coef``, which divides the
+    gradients by it while it updates the parameters. The gradients are read twice in all (for
+    the norm, then by the optimizer) instead of four times (norm, scale, optimizer).
+
+    Call it between ``backward()`` and ``optimizer.step()``; the attribute is removed after
+    the step. With a ``scaler``, call it instead of ``scaler.unscale_(optimizer)`` and then
+    ``scaler.step(optimizer)``, ``scaler.update()``: the norm is of the unscaled gradients,
+    ``grad_scale`` becomes ``scale / coef``, and an inf/NaN gradient makes the scaler skip the
+    step (its state is left as ``unscale_`` leaves it).
+
+    An optimizer whose step does not apply ``grad_scale`` (not ``fused=True``) gets the plain
+    recipe instead: :func:`tritonclip.clip_grad_norm_` (or, with a scaler,
+    :func:`tritonclip.amp.unscale_and_clip_`), so the call is always correct.
+
+    Args:
+        optimizer (torch.optim.Optimizer): a fused Adam, AdamW or SGD (others fall back).
+        max_norm, norm_type, error_if_nonfinite, foreach, backend, eps, nonfinite: as in
+            :func:`tritonclip.clip_grad_norm_`.
+        scaler (torch.amp.GradScaler, optional): the scaler of the gradients, if any.
+
+    Returns:
+        The total norm of the (unscaled) gradients: float32, 0-dim, on the first gradient's
+        device.
+    """
+    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
+    extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
+    scaling = scaler is not None and scaler.is_enabled()
+    if not folds_into(optimizer):
+        if scaling:
+            return amp.unscale_and_clip_(scaler, optimizer, max_norm, norm_type, **extras)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return clip_grad_norm_(params, max_norm, norm_type, **extras)
+
+    max_norm = _validate.nonnegative(max_norm, "max_norm")
+    norm_type = _validate.norm_type_value(norm_type)
+    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+    foreach = _validate.foreach_value(foreach)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = _validate.grads_of(params)
+    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
+    if not grads:
+        return _dispatch.total_norm(grads, groups, norm_type, foreach)
+    device = grads[0].device
+
+    if scaling:
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if state["stage"] is not OptState.READY:
+            raise RuntimeError(
+                "clip_into_(scaler=...) replaces scaler.unscale_(optimizer): call it once per "
+                "step, before scaler.step(optimizer)"
+            )
+        scale, _ = scaler._check_scale_growth_tracker("unscale_")
+        inv_scale = _dispatch.move(scale.double().reciprocal().float(), device)
+        scaled = _dispatch.total_norm(grads, groups, norm_type, foreach)
+        total = scaled * inv_scale
+        found_inf = amp.nonfinite_flag(grads, groups, norm_type, scaled, foreach)
+    else:
+        total = _dispatch.total_norm(grads, groups, norm_type, foreach)
+    if mode == "error" and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped."
+        )
+    coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+
+    if scaling:
+        optimizer.grad_scale = _dispatch.move(scale, device).float() / coef
+        state["found_inf_per_device"] = {
+            d: _dispatch.move(found_inf, d) for d in dict.fromkeys(g.device for g in grads)
+        }
+        state["stage"] = OptState.UNSCALED  # scaler.step hands grad_scale on, then deletes it
+    else:
+        optimizer.grad_scale = coef.reciprocal()
+        _remove_after_step(optimizer)
+    return total
+
+
+def _remove_after_step(optimizer: torch.optim.Optimizer) -> None:
+    """Delete ``optimizer.grad_scale`` once the next step has used it."""
+    previous = getattr(optimizer, _HOOK_ATTRIBUTE, None)
+    if previous is not None:
+        previous.remove()
+
+    def hook(opt, args, kwargs):
+        if hasattr(opt, "grad_scale"):
+            del opt.grad_scale
+        getattr(opt, _HOOK_ATTRIBUTE).remove()
+        delattr(opt, _HOOK_ATTRIBUTE)
+
+    setattr(optimizer, _HOOK_ATTRIBUTE, optimizer.register_step_post_hook(hook))
