@@ -12,7 +12,7 @@ from tritonclip.bench import cases, cli, report, shapes
 def test_cli_writes_results_table_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    cli.main(["--cases", "lstm-2layer,many-small", "--ops", "active,value", "--quick",
+    cli.main(["--cases", "lstm-2layer,many-small", "--ops", "active,value,amp", "--quick",
               "--reps", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "The Triton kernels need a GPU for speed" in out
@@ -34,6 +34,7 @@ def test_cli_writes_results_table_and_plots(tmp_path, capsys):
         assert "speedup_vs_torch" in r
         if r["family"] == "many-small" and r["op"] == "value":
             assert r["wall_ms_per_call"] > 0
+    assert {r["op"] for r in records} == {"active", "value", "amp"}
     pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
     assert pngs == ["many-small-fp32.png", "model-fp32.png"]
 

@@ -14,6 +14,9 @@ inactive    N: the scale kernel         3N: it multiplies   3N
 norm        N                           N                   N
 value       2N: one clamp pass          4N: clamp_min_,     2N: one clamp_ per
                                         then clamp_max_     tensor
+amp         3N: norm of the scaled      5N: unscale_ (read  5N
+            grads, then one write of    + write), then the
+            coef / scale                clip (3N)
 ==========  ==========================  ==================  =======================
 """
 
@@ -25,10 +28,11 @@ from typing import Callable
 import torch
 
 import tritonclip
+import tritonclip.amp
 
 from . import shapes as shape_sets
 
-OPS = ("active", "inactive", "norm", "value")
+OPS = ("active", "inactive", "norm", "value", "amp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "mixed": [torch.bfloat16, torch.float32]}
 
@@ -45,9 +49,9 @@ def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
 
 # Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
-    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2},
-    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4},
-    "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
+    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3},
+    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5},
+    "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5},
     "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
 }
 
@@ -58,6 +62,8 @@ PASSES = {
 # coefficient rounds to exactly 1 and the clip becomes inactive.)
 TOTAL_NORM = 10.0
 MAX_NORM = 1.0
+# The amp case treats the gradients as scaled by 8: unscaled norm 1.25, so the clip is active.
+AMP_INV_SCALE = 0.125
 
 
 @dataclasses.dataclass
@@ -107,10 +113,10 @@ def normalize_(grads: list[torch.Tensor]) -> None:
 
 
 def restorer(op: str, grads: list[torch.Tensor]):
-    """The untimed step before each call: None, or (for "active") a copy back of the
-    normalized gradients. Other cases leave the gradients in a steady state: inactive and
+    """The untimed step before each call: None, or (for "active" and "amp") a copy back of
+    the normalized gradients. Other cases leave the gradients in a steady state: inactive and
     norm do not change them, and a clamp moves the same bytes on every call."""
-    if op != "active":
+    if op not in ("active", "amp"):
         return None
     saved = [g.clone() for g in grads]
     return lambda: torch._foreach_copy_(grads, saved)
@@ -138,9 +144,32 @@ def implementations(include_compile: bool) -> list[str]:
     return impls + ["torch-compile"] if include_compile else impls
 
 
+def _torch_unscale_(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> None:
+    """What GradScaler.unscale_ does: the foreach non-finite check + unscale, per dtype."""
+    found_inf = torch.zeros((), device=inv_scale.device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
+
+
 def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
     """The zero-argument function that performs ``op`` with ``impl`` on the given gradients."""
-    max_norm = {"active": MAX_NORM, "inactive": 1e9}.get(op)
+    max_norm = {"active": MAX_NORM, "inactive": 1e9, "amp": MAX_NORM}.get(op)
+    if op == "amp":
+        inv_scale = torch.tensor(AMP_INV_SCALE, device=grads[0].device)
+        if impl == "tritonclip":
+            return lambda: tritonclip.amp.unscale_and_clip_grads_(grads, inv_scale, max_norm)
+        if impl == "torch-compile":
+            raise KeyError(op)
+        foreach = impl == "torch-foreach"
+
+        def two_calls():
+            _torch_unscale_(grads, inv_scale)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+
+        return two_calls
     if impl == "tritonclip":
         if op == "norm":
             return lambda: tritonclip.get_total_norm(grads)
