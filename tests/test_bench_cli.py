@@ -12,7 +12,7 @@ from tritonclip.bench import cases, cli, report, shapes
 def test_cli_writes_results_table_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    cli.main(["--cases", "lstm-2layer,many-small", "--ops", "active,value,amp", "--quick",
+    cli.main(["--cases", "lstm-2layer,many-small", "--ops", "active,value,amp,step", "--quick",
               "--reps", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "The Triton kernels need a GPU for speed" in out
@@ -23,7 +23,8 @@ def test_cli_writes_results_table_and_plots(tmp_path, capsys):
         assert key in machine
     assert result["copy_bandwidth_gbps"] > 0
     records = result["results"]
-    assert {r["impl"] for r in records} == {"tritonclip", "torch-foreach", "torch-loop"}
+    assert {r["impl"] for r in records} == {"tritonclip", "torch-foreach", "torch-loop",
+                                            "optimizer-only"}
     assert {r["set"] for r in records} == {"lstm-2layer", "100x4K", "1000x4K", "5000x4K"}
     for r in records:
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_fraction"] > 0
@@ -31,10 +32,12 @@ def test_cli_writes_results_table_and_plots(tmp_path, capsys):
             assert r["bytes_moved"] == cases.PASSES[r["impl"]][r["op"]] * r["grad_bytes"]
         elif r["family"] == "many-small":  # CPU path: 4K-element tensors clamp in two passes
             assert r["bytes_moved"] == 4 * r["grad_bytes"]
-        assert "speedup_vs_torch" in r
+        assert "speedup_vs_torch" in r or r["impl"] == "optimizer-only"
         if r["family"] == "many-small" and r["op"] == "value":
             assert r["wall_ms_per_call"] > 0
-    assert {r["op"] for r in records} == {"active", "value", "amp"}
+    assert {r["op"] for r in records} == {"active", "value", "amp", "step"}
+    step = [r for r in records if r["op"] == "step" and r["impl"] == "tritonclip"]
+    assert len(step) == 4 and all("overhead_vs_torch" in r for r in step)
     pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
     assert pngs == ["many-small-fp32.png", "model-fp32.png"]
 

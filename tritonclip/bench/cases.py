@@ -17,7 +17,14 @@ value       2N: one clamp pass          4N: clamp_min_,     2N: one clamp_ per
 amp         3N: norm of the scaled      5N: unscale_ (read  5N
             grads, then one write of    + write), then the
             coef / scale                clip (3N)
+step        N + 7N: norm, then a fused  3N + 7N: clip, then  ``optimizer-only``:
+            AdamW step that applies     the same step        7N: the step alone
+            the coefficient (read p,
+            g, m, v; write p, m, v)
 ==========  ==========================  ==================  =======================
+
+The step case reports ``clip_overhead_ms`` (time minus the optimizer-only time) and
+``overhead_vs_torch`` (tritonclip's overhead over torch's): what clipping adds to a step.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import tritonclip.amp
 
 from . import shapes as shape_sets
 
-OPS = ("active", "inactive", "norm", "value", "amp")
+OPS = ("active", "inactive", "norm", "value", "amp", "step")
+# The step case compares these instead of the usual implementations.
+STEP_IMPLS = ("tritonclip", "torch-foreach", "optimizer-only")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "mixed": [torch.bfloat16, torch.float32]}
 
@@ -49,8 +58,9 @@ def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
 
 # Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
-    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3},
-    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5},
+    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3, "step": 8},
+    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5, "step": 10},
+    "optimizer-only": {"step": 7},
     "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5},
     "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
 }
@@ -113,10 +123,10 @@ def normalize_(grads: list[torch.Tensor]) -> None:
 
 
 def restorer(op: str, grads: list[torch.Tensor]):
-    """The untimed step before each call: None, or (for "active" and "amp") a copy back of
+    """The untimed step before each call: None, or (for "active", "amp", "step") a copy back of
     the normalized gradients. Other cases leave the gradients in a steady state: inactive and
     norm do not change them, and a clamp moves the same bytes on every call."""
-    if op not in ("active", "amp"):
+    if op not in ("active", "amp", "step"):
         return None
     saved = [g.clone() for g in grads]
     return lambda: torch._foreach_copy_(grads, saved)
@@ -142,6 +152,31 @@ def implementations(include_compile: bool) -> list[str]:
     """The implementations compared, tritonclip first."""
     impls = ["tritonclip", "torch-foreach", "torch-loop"]
     return impls + ["torch-compile"] if include_compile else impls
+
+
+def step_callables(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+    """For the step case: a fused AdamW over real weights carrying ``grads``, stepped alone,
+    after torch's clip, and with the clip folded in by :func:`tritonclip.optim.clip_into_`."""
+    import tritonclip.optim
+
+    weights = []
+    for g in grads:
+        w = torch.nn.Parameter(torch.zeros_like(g))
+        w.grad = g
+        weights.append(w)
+    # A tiny learning rate keeps the weights sane over thousands of timed steps.
+    optimizer = torch.optim.AdamW(weights, lr=1e-9, fused=True)
+
+    def clip_then_step():
+        torch.nn.utils.clip_grad_norm_(weights, MAX_NORM, foreach=True)
+        optimizer.step()
+
+    def clip_into_step():
+        tritonclip.optim.clip_into_(optimizer, MAX_NORM)
+        optimizer.step()
+
+    return {"tritonclip": clip_into_step, "torch-foreach": clip_then_step,
+            "optimizer-only": optimizer.step}
 
 
 def _torch_unscale_(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> None:

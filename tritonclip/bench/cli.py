@@ -106,7 +106,8 @@ def run(args) -> dict:
         element_size = (dtypes[0] if isinstance(dtypes, list) else dtypes).itemsize
         for gset in cases.gradient_sets(models, one, many, element_size):
             work.append((gset, dtype_name))
-    total = sum(len(ops) * len(impls) for _ in work)
+    per_set = sum(len(cases.STEP_IMPLS) if op == "step" else len(impls) for op in ops)
+    total = per_set * len(work)
 
     from tqdm import tqdm
 
@@ -139,7 +140,7 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
     # The gradients, plus a saved copy for the active case, plus headroom for baselines.
     if nbytes * 2.5 > _free_bytes(device):
         for op in ops:
-            for impl in impls:
+            for impl in cases.STEP_IMPLS if op == "step" else impls:
                 records.append(dict(base, op=op, impl=impl, skipped="not enough memory"))
                 bar.update()
         return records
@@ -148,6 +149,9 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
     for op in ops:
         cases.normalize_(grads)
         setup = cases.restorer(op, grads)
+        if op == "step":
+            records += _step_records(base, grads, device, reps, copy_gbps, setup, bar)
+            continue
         for impl in impls:
             bar.set_description(f"{gset.name} {dtype_name} {op} {impl}")
             record = dict(base, op=op, impl=impl)
@@ -168,6 +172,33 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
             bar.update()
     del params, grads, setup
     gc.collect()
+    return records
+
+
+def _step_records(base, grads, device, reps, copy_gbps, setup, bar) -> list[dict]:
+    """The step case: clip + fused AdamW step, with the clip's overhead over the step alone."""
+    records = []
+    # Weights and AdamW's two moments on top of the gradients and their saved copy.
+    if base["grad_bytes"] * 3 > _free_bytes(device):
+        for impl in cases.STEP_IMPLS:
+            records.append(dict(base, op="step", impl=impl, skipped="not enough memory"))
+            bar.update()
+        return records
+    fns = cases.step_callables(grads)
+    for impl in cases.STEP_IMPLS:
+        bar.set_description(f"{base['set']} {base['dtype']} step {impl}")
+        stats = timing.device_time_ms(fns[impl], device, reps, setup)
+        moved = cases.moved_bytes(impl, "step", grads)
+        gbps = moved / (stats["median_ms"] * 1e-3) / 1e9
+        records.append(dict(base, op="step", impl=impl, **stats, bytes_moved=moved, gbps=gbps,
+                            copy_fraction=gbps / copy_gbps))
+        bar.update()
+    alone = records[-1]["median_ms"]
+    for r in records[:-1]:
+        r["clip_overhead_ms"] = r["median_ms"] - alone
+    ours, theirs = records[0]["clip_overhead_ms"], records[1]["clip_overhead_ms"]
+    records[0]["overhead_vs_torch"] = ours / theirs if theirs > 0 else float("nan")
+    del fns
     return records
 
 

@@ -24,7 +24,7 @@ def plot_results(result: dict, out: str) -> list[str]:
 
 
 def _plot(records, result, family, dtype, out) -> str:
-    ops = [op for op in ("active", "inactive", "norm", "value", "amp")
+    ops = [op for op in ("active", "inactive", "norm", "value", "amp", "step")
            if any(r["op"] == op for r in records)]
     fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 7), squeeze=False)
     for column, op in enumerate(ops):

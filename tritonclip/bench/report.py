@@ -33,7 +33,8 @@ def format_table(result: dict) -> str:
     others = [i for i in impls if i != "tritonclip"]
     header = (f"{'set':<12} {'dtype':<5} {'op':<8} {'MiB':>8} "
               + "".join(f"{i + ' ms':>19}" for i in others)
-              + f"{'tritonclip ms':>15} {'speedup':>8} {'GB/s':>8} {'% copy':>7} {'wall x':>7}")
+              + f"{'tritonclip ms':>15} {'speedup':>8} {'GB/s':>8} {'% copy':>7} {'wall x':>7}"
+              + f" {'clip ovh':>9}")
     lines += [header, "-" * len(header)]
     cases: dict[tuple, dict] = {}
     for r in result["results"]:
@@ -53,10 +54,13 @@ def format_table(result: dict) -> str:
             f"{ours['median_ms']:>15.3f} {ours.get('speedup_vs_torch', float('nan')):>7.2f}x "
             f"{ours['gbps']:>8.1f} {100 * ours['copy_fraction']:>6.1f}% "
             + (f"{wall:>6.2f}x" if wall is not None else f"{'':>7}")
+            + (f" {ours['overhead_vs_torch']:>8.2f}x" if "overhead_vs_torch" in ours else "")
         )
     lines.append("speedup: torch foreach=True time / tritonclip time, same case, same run. "
                  "GB/s: bytes that must move (tritonclip.bench.cases) per second. "
-                 "wall x: the same for wall time per call, host work included.")
+                 "wall x: the same for wall time per call, host work included. "
+                 "clip ovh (step): tritonclip's clip overhead over torch's, each being the time "
+                 "of clip + fused AdamW step minus the step alone.")
     if m["device_type"] == "cpu":
         lines.append("On a CPU, sets that fit in the caches run above memory bandwidth, and a "
                      "copy also reads its destination, so in-place passes can exceed 100%.")
