@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import _torch_backend, _triton_backend
+from . import _torch_backend, _triton_backend, distributed
 from ._groups import Group, Layout, span_of_each
 
 _BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
@@ -23,22 +25,32 @@ def move(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
     return t.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
 
 
-def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
-    """Group values (power form) -> the total norm, a float32 0-dim tensor on ``device``."""
-    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+def _identity(norm_type: float) -> float:
+    """The power-form value of no elements: what a rank without gradients contributes."""
+    return math.inf if norm_type == -math.inf else 0.0
+
+
+def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """Group values (power form) -> one power-form value, 0-dim ``dtype`` on ``device``."""
+    if not values:
+        return torch.full((), _identity(norm_type), dtype=dtype, device=device)
     moved = [move(v, device, dtype) for v in values]
-    power = moved[0] if len(moved) == 1 else _torch_backend.reduce_power(torch.stack(moved), norm_type)
-    return _torch_backend.root(power, norm_type).to(torch.float32)
+    if len(moved) == 1:
+        return moved[0]
+    return _torch_backend.reduce_power(torch.stack(moved), norm_type)
 
 
 def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
-               foreach: bool | None, per_tensor: bool = False):
+               foreach: bool | None, per_tensor: bool = False, process_group=None):
     """The norm of ``tensors`` viewed as one vector, each storage region counted once: a
-    float32 0-dim tensor on the first tensor's device (CPU when there is none).
+    float32 0-dim tensor on the first tensor's device (CPU when there is none). With a
+    ``process_group``, the norm over the gradients of every rank of the group (one
+    all-reduce; see :mod:`tritonclip.distributed`).
 
     With ``per_tensor`` also returns a 1-D float32 tensor of each input tensor's own norm.
     """
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = tensors[0].device if tensors else distributed.default_device(process_group)
     values = []
     per_tensor_norms = (torch.zeros(len(tensors), dtype=torch.float32, device=device)
                         if per_tensor else None)
@@ -54,9 +66,37 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
                 values.append(value)
                 continue
         values.append(backend.group_power(group, norm_type, acc, foreach)[0])
-    total = (_combine(values, norm_type, device) if values
-             else torch.zeros((), dtype=torch.float32, device=device))
+    if process_group is None and not values:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        return (total, per_tensor_norms) if per_tensor else total
+    # float64 across ranks: exact counts, and no rounding added by the reduction.
+    dtype = (torch.float64 if process_group is not None
+             or any(v.dtype == torch.float64 for v in values) else torch.float32)
+    power = _combine(values, norm_type, device, dtype)
+    probe = power if shows_nonfinite(norm_type) else _max_abs(tensors, groups, foreach, device,
+                                                                dtype)
+    nan, inf = torch.isnan(probe), torch.isinf(probe)
+    if process_group is not None:
+        power, nan, inf = distributed.all_reduce_power(power, nan, inf, norm_type, process_group)
+    total = _torch_backend.root(power, norm_type).to(torch.float32)
+    # A NaN gradient anywhere makes the norm NaN, an inf one makes it inf, whatever the order
+    # (sum |g|^p and max show them by themselves; a count or a min would hide them).
+    total = torch.where(inf & torch.isfinite(total), torch.full_like(total, math.inf), total)
+    total = torch.where(nan, torch.full_like(total, math.nan), total)
     return (total, per_tensor_norms) if per_tensor else total
+
+
+def shows_nonfinite(norm_type: float) -> bool:
+    """Whether the norm is non-finite whenever a gradient is: p > 0 (sum |g|^p, max |g|)."""
+    return norm_type > 0
+
+
+def _max_abs(tensors, groups, foreach, device, dtype) -> torch.Tensor:
+    """max |g| over all groups (one more read), for norm orders that hide inf and NaN."""
+    values = [_BACKENDS[g.backend].group_power(g, math.inf, _accumulation_dtype(g.dtype, 1.0),
+                                               foreach)[0]
+              for g in groups if g.spans or g.others]
+    return _combine(values, math.inf, device, dtype)
 
 
 def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
@@ -86,7 +126,8 @@ def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
 
 def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
                          foreach: bool | None, max_norm: float, eps: float,
-                         skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         skip_nonfinite: bool, process_group=None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total norm, clip coefficient) for ``clip_grad_norm_``.
 
     When all gradients form one Triton group of dense spans (one dtype on one device: the
@@ -95,12 +136,13 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
     are combined with torch ops.
     """
     working = [g for g in groups if g.spans or g.others]
-    if (len(working) == 1 and working[0].backend == "triton" and not working[0].others
+    if (process_group is None and len(working) == 1 and working[0].backend == "triton"
+            and not working[0].others and shows_nonfinite(norm_type)
             and working[0].device == tensors[0].device
             and _triton_backend.kernels.fuses_coefficient(norm_type)):
         return _triton_backend.norm_and_coefficient(working[0], norm_type, max_norm, eps,
                                                     skip_nonfinite)
-    total = total_norm(tensors, groups, norm_type, foreach)
+    total = total_norm(tensors, groups, norm_type, foreach, process_group=process_group)
     return total, clip_coefficient(total, max_norm, eps, skip_nonfinite)
 
 

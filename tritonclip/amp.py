@@ -91,10 +91,10 @@ def nonfinite_flag(grads, groups, norm_type: float, norm: torch.Tensor,
                    foreach: bool | None) -> torch.Tensor:
     """1.0 if any gradient is inf or NaN, else 0.0 (float32, on ``norm``'s device), from the
     ``norm_type`` norm already computed when it shows them, else from one more read."""
-    if not (norm_type > 0 and not math.isinf(norm_type) or norm_type == math.inf):
-        # p = 0, -inf or < 0 hide an inf among finite gradients: look with max |g|.
+    if not _dispatch.shows_nonfinite(norm_type):
+        # p = 0, -inf or < 0: look with max |g| (total_norm makes those norms non-finite too,
+        # but the flag is kept independent of that rule).
         norm = _dispatch.total_norm(grads, groups, math.inf, foreach)
-    # sum |g|^p (p > 0) and max |g| are non-finite exactly when some gradient is.
     return (~torch.isfinite(norm)).float()
 
 

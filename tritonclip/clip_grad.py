@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from . import _dispatch, _validate
+from . import _dispatch, _validate, distributed
 from ._groups import group_tensors
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
@@ -33,6 +33,7 @@ def get_total_norm(
     backend: str | None = None,
     nonfinite: str = "propagate",
     per_tensor: bool = False,
+    process_group=None,
 ):
     r"""Compute the norm of an iterable of tensors, viewed as a single vector.
 
@@ -51,6 +52,10 @@ def get_total_norm(
         nonfinite (str): ``"propagate"`` (return the non-finite norm), ``"error"`` (raise).
             ``"skip"`` means the same as ``"propagate"`` here. Default: ``"propagate"``
         per_tensor (bool): also return each tensor's own norm. Default: False
+        process_group (ProcessGroup, optional): the norm is over the tensors of every rank of
+            this group (each rank passes its own shards): one all-reduce, no host
+            synchronisation; every rank gets the same value. A NaN on any rank gives NaN on
+            all. Per-tensor norms stay local. Default: None (this process only)
 
     Returns:
         The total norm, a float32 0-dim tensor on the first tensor's device (a CPU tensor
@@ -64,8 +69,10 @@ def get_total_norm(
     norm_type = _validate.norm_type_value(norm_type)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
+    distributed.check_process_group(process_group)
     groups = group_tensors(tensors, _validate.backend_name(backend), name="tensors")
-    result = _dispatch.total_norm(tensors, groups, norm_type, foreach, per_tensor=per_tensor)
+    result = _dispatch.total_norm(tensors, groups, norm_type, foreach, per_tensor=per_tensor,
+                                  process_group=process_group)
     _check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
     return result
 
@@ -124,6 +131,7 @@ def clip_grad_norm_(
     backend: str | None = None,
     eps: float = 1e-6,
     nonfinite: str = "propagate",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters.
 
@@ -159,6 +167,11 @@ def clip_grad_norm_(
             non-finite coefficient as torch does, ``"error"`` raises like
             ``error_if_nonfinite=True``, ``"skip"`` leaves every gradient untouched and
             returns the norm. Default: ``"propagate"``
+        process_group (ProcessGroup, optional): clip by the norm over the gradients of every
+            rank of this group (sharded parameters: FSDP, tensor parallel; each rank passes
+            its own shards). One all-reduce of the local value, no host synchronisation;
+            every rank computes the same coefficient, and a NaN on any rank is seen by all
+            (so ``nonfinite="skip"`` leaves every rank's gradients untouched). Default: None
 
     Returns:
         Total norm of the gradients (viewed as a single vector): a float32 0-dim tensor on
@@ -169,6 +182,8 @@ def clip_grad_norm_(
           which for bfloat16 gradients keeps only 8 bits of it).
         * ``norm_type=0`` counts the nonzero elements of the concatenated gradients, as
           torch's docstring says; torch's code counts the gradients that have any.
+        * A NaN (inf) gradient makes the norm NaN (inf) for every ``norm_type``; torch's
+          orders 0 and -inf can stay finite.
         * A storage region shared by several gradients (a parameter listed twice, aliased
           grads) is counted once in the norm and scaled once.
     """
@@ -178,12 +193,14 @@ def clip_grad_norm_(
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
+    distributed.check_process_group(process_group)
     grads = _validate.grads_of(parameters)
     groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
-    if not grads:
+    if not grads and process_group is None:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
     total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach, max_norm,
-                                                 eps, skip_nonfinite=mode == "skip")
+                                                 eps, skip_nonfinite=mode == "skip",
+                                                 process_group=process_group)
     _check_nonfinite(total, mode, norm_type)
     _dispatch.scale_(groups, coef, foreach)
     return total

@@ -13,14 +13,23 @@ import torch
 
 
 def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """Norm of the concatenation of ``tensors`` in float64; ``0`` counts nonzero elements."""
+    """Norm of the concatenation of ``tensors`` in float64; ``0`` counts nonzero elements; a
+    NaN (inf) element makes any norm NaN (inf)."""
     flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors if t.numel() > 0]
     if not flat:
         return torch.tensor(0.0, dtype=torch.float64)
     vector = torch.cat([f.cpu() for f in flat])
     if norm_type == 0:
-        return (vector != 0).sum().to(torch.float64)
-    return torch.linalg.vector_norm(vector, norm_type)
+        norm = (vector != 0).sum().to(torch.float64)
+    else:
+        norm = torch.linalg.vector_norm(vector, norm_type)
+    # tritonclip's rule for every order: a NaN element makes the norm NaN, an inf one inf
+    # (torch's orders 0 and -inf can stay finite).
+    if vector.isnan().any():
+        return torch.tensor(math.nan, dtype=torch.float64)
+    if vector.isinf().any() and torch.isfinite(norm):
+        return torch.tensor(math.inf, dtype=torch.float64)
+    return norm
 
 
 def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:

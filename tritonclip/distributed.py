@@ -1,0 +1,63 @@
+"""Distributed norms: one all-reduce of the local value per process group.
+
+Each rank reduces its own gradients (or shards) to the norm's "power form": the sum of
+|g|^p, the max or min of |g|, or the count of nonzeros. One all-reduce over the group combines
+them (SUM, MAX for inf, MIN for -inf), and the root is taken afterwards on every rank, so all
+ranks get the same norm and the same coefficient. It is stream-ordered on NCCL: no host
+synchronisation.
+
+MAX and MIN reductions may drop a NaN (they compare), and a count or a min hides an inf, so
+the all-reduce carries NaN and inf flags beside the value: a NaN (inf) gradient on any rank
+makes every rank's norm NaN (inf), for every norm type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_reduce_power", "check_process_group", "default_device"]
+
+
+def check_process_group(process_group) -> None:
+    """``TypeError``/``ValueError`` for a ``process_group=`` argument that cannot be used."""
+    if process_group is None:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            f"process_group={process_group!r} needs torch.distributed to be initialized "
+            "(torch.distributed.init_process_group)"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+        )
+
+
+def all_reduce_power(power: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor,
+                     norm_type: float, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group-wide (power, any NaN, any inf) of a rank's local values (0-dim tensors).
+
+    One all-reduce of ``[power, nan, inf]``: SUM for finite p and counts, MAX for inf, MIN
+    for -inf (with the flags negated, so that MIN keeps them).
+    """
+    if norm_type == math.inf:
+        op, sign = dist.ReduceOp.MAX, 1.0
+    elif norm_type == -math.inf:
+        op, sign = dist.ReduceOp.MIN, -1.0
+    else:
+        op, sign = dist.ReduceOp.SUM, 1.0
+    buffer = torch.stack([power, nan.to(power.dtype) * sign, inf.to(power.dtype) * sign])
+    dist.all_reduce(buffer, op=op, group=group)
+    return buffer[0], buffer[1] != 0, buffer[2] != 0
+
+
+def default_device(process_group) -> torch.device:
+    """Where a rank without gradients keeps its (empty) contribution: the current CUDA device
+    for NCCL, which reduces CUDA tensors only; the CPU otherwise."""
+    if process_group is not None and dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
