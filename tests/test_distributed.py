@@ -78,6 +78,10 @@ def _worker(rank, world, port, backend_name):
         total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
                                            backend=backend_name)
         assert_norm_close(total, reference.total_norm(expected, 2.0))
+        # 6. no rank has any gradient: 0 for every order, as in a single process
+        for p in NORM_TYPES:
+            total = tritonclip.get_total_norm([], p, process_group=group, backend=backend_name)
+            assert float(total) == 0.0, (p, float(total))
     finally:
         dist.destroy_process_group()
 

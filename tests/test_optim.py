@@ -112,6 +112,30 @@ def test_two_calls_before_a_step_keep_one_hook():
     tritonclip.optim.clip_into_(optimizer, 1e-3)
     tritonclip.optim.clip_into_(optimizer, 1e-3)
     assert len(optimizer._optimizer_step_post_hooks) == 1
+    optimizer.register_step_post_hook(lambda *a: None)  # a hook registered after ours
     optimizer.step()
     assert not hasattr(optimizer, "grad_scale")
-    assert len(optimizer._optimizer_step_post_hooks) == 0
+    tritonclip.optim.clip_into_(optimizer, 1e-3)
+    assert len(optimizer._optimizer_step_post_hooks) == 2  # ours is registered once
+
+
+def test_a_failed_step_leaves_no_stale_grad_scale():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(4, 16)).pow(2).sum().backward()
+    tritonclip.optim.clip_into_(optimizer, 1e-3)
+    assert hasattr(optimizer, "grad_scale")
+    # the step never ran; a plain step later must not divide by the old coefficient
+    tritonclip.optim.clip_into_(optimizer, 1e9)  # inactive: grad_scale 1
+    assert float(optimizer.grad_scale) == 1.0
+
+
+def test_only_torch_fused_optimizers_take_the_fold():
+    model = _model()
+    assert tritonclip.optim.folds_into(torch.optim.Adagrad(model.parameters(), fused=True))
+    assert not tritonclip.optim.folds_into(torch.optim.Adam(model.parameters(), foreach=True))
+
+    class Custom(torch.optim.SGD):
+        pass
+
+    assert not tritonclip.optim.folds_into(Custom(model.parameters(), lr=0.1, fused=True))

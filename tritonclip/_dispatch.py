@@ -50,7 +50,7 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
 
     With ``per_tensor`` also returns a 1-D float32 tensor of each input tensor's own norm.
     """
-    device = tensors[0].device if tensors else distributed.default_device(process_group)
+    device = tensors[0].device if tensors else torch.device("cpu")
     values = []
     per_tensor_norms = (torch.zeros(len(tensors), dtype=torch.float32, device=device)
                         if per_tensor else None)
@@ -79,6 +79,8 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
     if process_group is not None:
         power, nan, inf = distributed.all_reduce_power(power, nan, inf, norm_type, process_group)
     total = _torch_backend.root(power, norm_type).to(torch.float32)
+    if norm_type == -math.inf:  # min over no element at all (every rank empty): 0, as alone
+        total = torch.where(torch.isinf(total) & ~inf, torch.zeros_like(total), total)
     # A NaN gradient anywhere makes the norm NaN, an inf one makes it inf, whatever the order
     # (sum |g|^p and max show them by themselves; a count or a min would hide them).
     total = torch.where(inf & torch.isfinite(total), torch.full_like(total, math.inf), total)

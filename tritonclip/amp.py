@@ -6,14 +6,18 @@ The usual recipe reads and writes the gradients five times their size::
     torch.nn.utils.clip_grad_norm_(params, max_norm)    # read (N), then read + write (2N)
 
 :func:`unscale_and_clip_` reads them once for the norm of the *scaled* gradients (which is
-non-finite exactly when a gradient is, for p > 0), and writes them once, multiplied by
-``coef / scale``: 3N. It leaves the GradScaler as ``unscale_`` would, so ``scaler.step``
-skips the step on overflow and ``scaler.update`` adjusts the scale as with the two calls.
+non-finite whenever a gradient is), and writes them once, multiplied by ``coef / scale``: 3N.
+It leaves the GradScaler as ``unscale_`` would, so ``scaler.step`` skips the step on
+overflow and ``scaler.update`` adjusts the scale as with the two calls.
+
+One difference: the norm is of the *scaled* gradients, so a norm that overflows float32 only
+once scaled (|g| * scale beyond about 1.8e19 for p = 2) counts as an overflow: the step is
+skipped and the scale backed off, where the two calls would clip and step. Gradients that
+large are a diverging run either way.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.amp.grad_scaler import OptState
@@ -72,7 +76,7 @@ def unscale_and_clip_grads_(
         return torch.zeros((), device=device), torch.zeros((), device=device)
 
     scaled_norm = _dispatch.total_norm(grads, groups, norm_type, foreach)
-    found_inf = nonfinite_flag(grads, groups, norm_type, scaled_norm, foreach)
+    found_inf = nonfinite_flag(scaled_norm)
     total = scaled_norm * inv_scale
     if mode == "error" and bool(found_inf):
         raise RuntimeError(
@@ -87,15 +91,18 @@ def unscale_and_clip_grads_(
     return total, found_inf
 
 
-def nonfinite_flag(grads, groups, norm_type: float, norm: torch.Tensor,
-                   foreach: bool | None) -> torch.Tensor:
-    """1.0 if any gradient is inf or NaN, else 0.0 (float32, on ``norm``'s device), from the
-    ``norm_type`` norm already computed when it shows them, else from one more read."""
-    if not _dispatch.shows_nonfinite(norm_type):
-        # p = 0, -inf or < 0: look with max |g| (total_norm makes those norms non-finite too,
-        # but the flag is kept independent of that rule).
-        norm = _dispatch.total_norm(grads, groups, math.inf, foreach)
+def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 if the norm is inf or NaN, else 0.0 (float32): :func:`tritonclip.get_total_norm`'s
+    norm is non-finite whenever a gradient is, for every norm order."""
     return (~torch.isfinite(norm)).float()
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale as GradScaler.unscale_ computes it: the reciprocal in float64 for an exact
+    power-of-two inverse, except on MPS (no float64 there)."""
+    if scale.device.type == "mps":
+        return scale.reciprocal()
+    return scale.double().reciprocal().float()
 
 
 @torch.no_grad()
@@ -163,8 +170,7 @@ def unscale_and_clip_(
                 f"gradients[{index}] is float16: GradScaler does not unscale float16 "
                 "gradients (keep the parameters in float32 under autocast)"
             )
-    # As GradScaler.unscale_: the reciprocal in float64, for an exact power-of-two inverse.
-    inv_scale = scale.double().reciprocal().float()
+    inv_scale = inverse_scale(scale)
     total, found_inf = unscale_and_clip_grads_(
         grads, inv_scale, max_norm, norm_type, foreach, backend=backend, eps=eps,
         nonfinite=mode,

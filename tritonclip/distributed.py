@@ -18,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_power", "check_process_group", "default_device"]
+__all__ = ["all_reduce_power", "check_process_group", "reduction_device"]
 
 
 def check_process_group(process_group) -> None:
@@ -50,14 +50,22 @@ def all_reduce_power(power: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor,
         op, sign = dist.ReduceOp.MIN, -1.0
     else:
         op, sign = dist.ReduceOp.SUM, 1.0
+    device = reduction_device(group, power.device)
     buffer = torch.stack([power, nan.to(power.dtype) * sign, inf.to(power.dtype) * sign])
+    buffer = buffer.to(device, non_blocking=device.type == "cuda")
     dist.all_reduce(buffer, op=op, group=group)
+    buffer = buffer.to(power.device, non_blocking=power.device.type == "cuda")
     return buffer[0], buffer[1] != 0, buffer[2] != 0
 
 
-def default_device(process_group) -> torch.device:
-    """Where a rank without gradients keeps its (empty) contribution: the current CUDA device
-    for NCCL, which reduces CUDA tensors only; the CPU otherwise."""
-    if process_group is not None and dist.get_backend(process_group) == "nccl":
+def reduction_device(process_group, fallback: torch.device) -> torch.device:
+    """Where the all-reduce happens, the same on every rank: a CUDA device when the group can
+    reduce CUDA tensors (NCCL, alone or beside gloo, or the default backends with CUDA
+    present), else the CPU. ``fallback`` is unused when the group decides."""
+    backend = str(dist.get_backend(process_group))
+    if torch.cuda.is_available() and backend != "gloo" and (
+            "nccl" in backend or backend == "undefined"):
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if backend == "gloo":
+        return torch.device("cpu")
+    return fallback

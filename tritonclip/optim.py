@@ -20,9 +20,22 @@ __all__ = ["clip_into_", "folds_into"]
 _HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
 
 
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+_MARKER = "_tritonclip_grad_scale_set"
+
+
 def folds_into(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s step applies ``grad_scale`` itself (torch's fused optimizers)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    """Whether ``optimizer``'s step divides the gradients by ``optimizer.grad_scale``: torch's
+    Adam, AdamW, SGD and Adagrad with ``fused=True`` in every parameter group."""
+    return (type(optimizer) in _FUSED
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def _scaler_keeps_grad_scale() -> bool:
+    """GradScaler.step keeps an ``optimizer.grad_scale`` set after unscaling from torch 2.5
+    (pytorch#123429); torch 2.4 replaces it with None, which would drop the clip."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 @torch.no_grad()
@@ -69,7 +82,8 @@ def clip_into_(
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
     scaling = scaler is not None and scaler.is_enabled()
-    if not folds_into(optimizer):
+    _clear_stale(optimizer)
+    if not folds_into(optimizer) or (scaling and not _scaler_keeps_grad_scale()):
         if scaling:
             return amp.unscale_and_clip_(scaler, optimizer, max_norm, norm_type, **extras)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -94,10 +108,10 @@ def clip_into_(
                 "step, before scaler.step(optimizer)"
             )
         scale, _ = scaler._check_scale_growth_tracker("unscale_")
-        inv_scale = _dispatch.move(scale.double().reciprocal().float(), device)
+        inv_scale = _dispatch.move(amp.inverse_scale(scale), device)
         scaled = _dispatch.total_norm(grads, groups, norm_type, foreach)
         total = scaled * inv_scale
-        found_inf = amp.nonfinite_flag(grads, groups, norm_type, scaled, foreach)
+        found_inf = amp.nonfinite_flag(scaled)
     else:
         total = _dispatch.total_norm(grads, groups, norm_type, foreach)
     if mode == "error" and not bool(torch.isfinite(total)):
@@ -120,15 +134,20 @@ def clip_into_(
 
 
 def _remove_after_step(optimizer: torch.optim.Optimizer) -> None:
-    """Delete ``optimizer.grad_scale`` once the next step has used it."""
-    previous = getattr(optimizer, _HOOK_ATTRIBUTE, None)
-    if previous is not None:
-        previous.remove()
+    """Mark ``optimizer.grad_scale`` as ours, to be deleted once the next step has used it.
 
-    def hook(opt, args, kwargs):
-        if hasattr(opt, "grad_scale"):
-            del opt.grad_scale
-        getattr(opt, _HOOK_ATTRIBUTE).remove()
-        delattr(opt, _HOOK_ATTRIBUTE)
+    One permanent step post-hook per optimizer does the deleting (a hook that removed itself
+    would mutate torch's hook dict while it is iterated); a step that raises leaves the mark,
+    and the next :func:`clip_into_` clears the stale ``grad_scale`` first.
+    """
+    setattr(optimizer, _MARKER, True)
+    if getattr(optimizer, _HOOK_ATTRIBUTE, None) is None:
+        setattr(optimizer, _HOOK_ATTRIBUTE, optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: _clear_stale(opt)))
 
-    setattr(optimizer, _HOOK_ATTRIBUTE, optimizer.register_step_post_hook(hook))
+
+def _clear_stale(optimizer: torch.optim.Optimizer) -> None:
+    if getattr(optimizer, _MARKER, False):
+        if hasattr(optimizer, "grad_scale"):
+            del optimizer.grad_scale
+        setattr(optimizer, _MARKER, False)
