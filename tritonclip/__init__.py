@@ -2,10 +2,23 @@
 
 A drop-in for ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm`` and
 ``clip_grads_with_norm_``: same arguments and meaning, a float32 norm, fewer passes over memory.
+Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
+a fused optimizer step), ``distributed`` (norms over process groups), ``reference`` (float64
+formulas), ``bench`` (the benchmark CLI).
 """
 
+from . import amp, distributed, optim, reference
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "amp",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "distributed",
+    "get_total_norm",
+    "optim",
+    "reference",
+]
