@@ -78,7 +78,15 @@ def _worker(rank, world, port, backend_name):
         total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
                                            backend=backend_name)
         assert_norm_close(total, reference.total_norm(expected, 2.0))
-        # 6. no rank has any gradient: 0 for every order, as in a single process
+        # 6. dense parameters replicated on every rank (group None) beside experts sharded
+        #    over the group: the pairs count each once
+        for p in NORM_TYPES:
+            dense = params_with([g.clone() for g in everything[:3]])
+            experts = params_with(_shard(everything[3:], rank, world))
+            total = tritonclip.clip_grad_norm_(dense + experts, 1.0, p, backend=backend_name,
+                                               process_group=[(dense, None), (experts, group)])
+            assert_norm_close(total, reference.total_norm(everything, p))
+        # 7. no rank has any gradient: 0 for every order, as in a single process
         for p in NORM_TYPES:
             total = tritonclip.get_total_norm([], p, process_group=group, backend=backend_name)
             assert float(total) == 0.0, (p, float(total))
@@ -113,3 +121,25 @@ def test_process_group_argument_checked_before_any_change():
     with pytest.raises(ValueError, match="init_process_group"):
         tritonclip.clip_grad_norm_(params_with([g]), 0.1, process_group=object())
     assert torch.equal(g, torch.ones(4))
+
+
+def test_local_pairs_equal_a_plain_clip_and_are_checked():
+    import tritonclip
+    from helpers import params_with, random_grads
+
+    grads = random_grads([30, 40], torch.float32)
+    a, b = params_with([grads[0]]), params_with([grads[1]])
+    expected = tritonclip.get_total_norm(grads)
+    torch.testing.assert_close(
+        tritonclip.get_total_norm(grads, process_group=[([grads[0]], None), ([grads[1]], None)]),
+        expected, rtol=1e-6, atol=0)
+    before = [g.clone() for g in grads]
+    with pytest.raises(ValueError, match="exactly"):
+        tritonclip.clip_grad_norm_(a + b, 1e-3, process_group=[(a, None)])
+    with pytest.raises(ValueError, match="one group"):
+        tritonclip.clip_grad_norm_(a + b, 1e-3, process_group=[(a + b, None), (b, None)])
+    with pytest.raises(TypeError, match="pair"):
+        tritonclip.clip_grad_norm_(a + b, 1e-3, process_group=[a])
+    assert all(torch.equal(g, c) for g, c in zip(grads, before))
+    total = tritonclip.clip_grad_norm_(a + b, 1e-3, process_group=[(a, None), (b, None)])
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)

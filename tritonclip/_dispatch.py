@@ -51,41 +51,68 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
     With ``per_tensor`` also returns a 1-D float32 tensor of each input tensor's own norm.
     """
     device = tensors[0].device if tensors else torch.device("cpu")
-    values = []
     per_tensor_norms = (torch.zeros(len(tensors), dtype=torch.float32, device=device)
                         if per_tensor else None)
+    if process_group is None and not any(g.spans or g.others for g in groups):
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        return (total, per_tensor_norms) if per_tensor else total
+    power, nan, inf = _reduced_power(tensors, groups, norm_type, foreach, device,
+                                     process_group, per_tensor_norms)
+    total = _finish(power, nan, inf, norm_type)
+    return (total, per_tensor_norms) if per_tensor else total
+
+
+def total_norm_over_pairs(pairs, norm_type: float, foreach: bool | None,
+                          device: torch.device) -> torch.Tensor:
+    """The norm over several gradient sets, each reduced over its own process group (or
+    local, for group None): ``pairs`` holds ``(tensors, groups, process_group)``."""
+    parts = [_reduced_power(tensors, groups, norm_type, foreach, device, process_group, None,
+                            dtype=torch.float64)
+             for tensors, groups, process_group in pairs]
+    power = _torch_backend.reduce_power(torch.stack([move(p, device) for p, _, _ in parts]),
+                                        norm_type)
+    nan = torch.stack([move(n, device) for _, n, _ in parts]).any()
+    inf = torch.stack([move(i, device) for _, _, i in parts]).any()
+    return _finish(power, nan, inf, norm_type)
+
+
+def _reduced_power(tensors, groups, norm_type, foreach, device, process_group, per_tensor_norms,
+                   dtype=None):
+    """(power form, any NaN, any inf) of ``tensors``, all-reduced over ``process_group``."""
+    values = []
     for group in groups:
         if not (group.spans or group.others):
             continue  # only empty tensors: nothing to count, and their norms stay 0
         backend = _BACKENDS[group.backend]
         acc = _accumulation_dtype(group.dtype, norm_type)
-        if per_tensor:
+        if per_tensor_norms is not None:
             value = _group_per_tensor(tensors, group, backend, norm_type, acc, foreach,
                                       per_tensor_norms)
             if value is not None:
                 values.append(value)
                 continue
         values.append(backend.group_power(group, norm_type, acc, foreach)[0])
-    if process_group is None and not values:
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        return (total, per_tensor_norms) if per_tensor else total
-    # float64 across ranks: exact counts, and no rounding added by the reduction.
-    dtype = (torch.float64 if process_group is not None
-             or any(v.dtype == torch.float64 for v in values) else torch.float32)
+    if dtype is None:
+        # float64 across ranks: exact counts, and no rounding added by the reduction.
+        dtype = (torch.float64 if process_group is not None
+                 or any(v.dtype == torch.float64 for v in values) else torch.float32)
     power = _combine(values, norm_type, device, dtype)
-    probe = power if shows_nonfinite(norm_type) else _max_abs(tensors, groups, foreach, device,
-                                                                dtype)
+    probe = power if shows_nonfinite(norm_type) else _max_abs(groups, foreach, device, dtype)
     nan, inf = torch.isnan(probe), torch.isinf(probe)
     if process_group is not None:
         power, nan, inf = distributed.all_reduce_power(power, nan, inf, norm_type, process_group)
+    return power, nan, inf
+
+
+def _finish(power, nan, inf, norm_type: float) -> torch.Tensor:
+    """Power form and flags -> the float32 norm."""
     total = _torch_backend.root(power, norm_type).to(torch.float32)
     if norm_type == -math.inf:  # min over no element at all (every rank empty): 0, as alone
         total = torch.where(torch.isinf(total) & ~inf, torch.zeros_like(total), total)
     # A NaN gradient anywhere makes the norm NaN, an inf one makes it inf, whatever the order
     # (sum |g|^p and max show them by themselves; a count or a min would hide them).
     total = torch.where(inf & torch.isfinite(total), torch.full_like(total, math.inf), total)
-    total = torch.where(nan, torch.full_like(total, math.nan), total)
-    return (total, per_tensor_norms) if per_tensor else total
+    return torch.where(nan, torch.full_like(total, math.nan), total)
 
 
 def shows_nonfinite(norm_type: float) -> bool:
@@ -93,7 +120,7 @@ def shows_nonfinite(norm_type: float) -> bool:
     return norm_type > 0
 
 
-def _max_abs(tensors, groups, foreach, device, dtype) -> torch.Tensor:
+def _max_abs(groups, foreach, device, dtype) -> torch.Tensor:
     """max |g| over all groups (one more read), for norm orders that hide inf and NaN."""
     values = [_BACKENDS[g.backend].group_power(g, math.inf, _accumulation_dtype(g.dtype, 1.0),
                                                foreach)[0]

@@ -23,6 +23,28 @@ def _check_nonfinite(total: torch.Tensor, mode: str, norm_type: float) -> None:
         raise RuntimeError(_NONFINITE_ERROR.format(norm_type=norm_type))
 
 
+def _same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
+    """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
+    seen: dict[int, int] = {}
+    for index, (tensors, _) in enumerate(pairs):
+        for t in tensors:
+            if id(t) in seen:
+                raise ValueError(f"a tensor is in process_group[{seen[id(t)]}] and "
+                                 f"process_group[{index}]: each belongs to one group")
+            seen[id(t)] = index
+    if set(seen) != {id(t) for t in whole}:
+        raise ValueError(f"the (parameters, group) pairs of process_group must hold exactly "
+                         f"the {name} passed: {len(seen)} in the pairs, {len(whole)} passed")
+
+
+def _pairwise_norm(pairs, norm_type, foreach, backend, device, grads_of_pair):
+    data = []
+    for tensors, group in pairs:
+        tensors = grads_of_pair(tensors)
+        data.append((tensors, group_tensors(tensors, backend), group))
+    return _dispatch.total_norm_over_pairs(data, norm_type, foreach, device)
+
+
 @torch.no_grad()
 def get_total_norm(
     tensors: TensorOrTensors,
@@ -52,10 +74,11 @@ def get_total_norm(
         nonfinite (str): ``"propagate"`` (return the non-finite norm), ``"error"`` (raise).
             ``"skip"`` means the same as ``"propagate"`` here. Default: ``"propagate"``
         per_tensor (bool): also return each tensor's own norm. Default: False
-        process_group (ProcessGroup, optional): the norm is over the tensors of every rank of
-            this group (each rank passes its own shards): one all-reduce, no host
-            synchronisation; every rank gets the same value. A NaN on any rank gives NaN on
-            all. Per-tensor norms stay local. Default: None (this process only)
+        process_group (ProcessGroup or list, optional): the norm is over the tensors of
+            every rank of this group (each rank passes its own shards): one all-reduce, no
+            host synchronisation; every rank gets the same value. A NaN on any rank gives NaN
+            on all. Per-tensor norms stay local. A list of ``(tensors, group)`` pairs, as in
+            :func:`clip_grad_norm_`. Default: None (this process only)
 
     Returns:
         The total norm, a float32 0-dim tensor on the first tensor's device (a CPU tensor
@@ -69,10 +92,18 @@ def get_total_norm(
     norm_type = _validate.norm_type_value(norm_type)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
-    distributed.check_process_group(process_group)
+    pairs = distributed.pairs_of(process_group, "tensors")
     groups = group_tensors(tensors, _validate.backend_name(backend), name="tensors")
-    result = _dispatch.total_norm(tensors, groups, norm_type, foreach, per_tensor=per_tensor,
-                                  process_group=process_group)
+    if pairs is not None:
+        if per_tensor:
+            raise ValueError("per_tensor=True takes a single process_group, not pairs")
+        _same_members(tensors, pairs, "tensors")
+        device = tensors[0].device if tensors else torch.device("cpu")
+        result = _pairwise_norm(pairs, norm_type, foreach, _validate.backend_name(backend),
+                                device, lambda ts: ts)
+    else:
+        result = _dispatch.total_norm(tensors, groups, norm_type, foreach,
+                                      per_tensor=per_tensor, process_group=process_group)
     _check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
     return result
 
@@ -167,11 +198,15 @@ def clip_grad_norm_(
             non-finite coefficient as torch does, ``"error"`` raises like
             ``error_if_nonfinite=True``, ``"skip"`` leaves every gradient untouched and
             returns the norm. Default: ``"propagate"``
-        process_group (ProcessGroup, optional): clip by the norm over the gradients of every
-            rank of this group (sharded parameters: FSDP, tensor parallel; each rank passes
-            its own shards). One all-reduce of the local value, no host synchronisation;
-            every rank computes the same coefficient, and a NaN on any rank is seen by all
-            (so ``nonfinite="skip"`` leaves every rank's gradients untouched). Default: None
+        process_group (ProcessGroup or list, optional): clip by the norm over the gradients
+            of every rank of this group (sharded parameters: FSDP, tensor parallel; each rank
+            passes its own shards). One all-reduce of the local value, no host
+            synchronisation; every rank computes the same coefficient, and a NaN on any rank
+            is seen by all (so ``nonfinite="skip"`` leaves every rank's gradients untouched).
+            A list of ``(parameters, group)`` pairs (group ``None``: no reduction) combines
+            sets that live on different groups, e.g. dense parameters over data parallel
+            ranks and experts over expert-parallel ranks; the pairs must hold exactly
+            ``parameters``, each once. Default: None
 
     Returns:
         Total norm of the gradients (viewed as a single vector): a float32 0-dim tensor on
@@ -193,14 +228,22 @@ def clip_grad_norm_(
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
-    distributed.check_process_group(process_group)
+    pairs = distributed.pairs_of(process_group, "parameters")
     grads = _validate.grads_of(parameters)
     groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
-    if not grads and process_group is None:
+    if pairs is not None:
+        _same_members(parameters, pairs, "parameters")
+        device = grads[0].device if grads else torch.device("cpu")
+        total = _pairwise_norm(pairs, norm_type, foreach, _validate.backend_name(backend),
+                               device, _validate.grads_of)
+        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+    elif not grads and process_group is None:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
-    total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach, max_norm,
-                                                 eps, skip_nonfinite=mode == "skip",
-                                                 process_group=process_group)
+    else:
+        total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
+                                                     max_norm, eps,
+                                                     skip_nonfinite=mode == "skip",
+                                                     process_group=process_group)
     _check_nonfinite(total, mode, norm_type)
     _dispatch.scale_(groups, coef, foreach)
     return total

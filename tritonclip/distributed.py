@@ -6,6 +6,11 @@ them (SUM, MAX for inf, MIN for -inf), and the root is taken afterwards on every
 ranks get the same norm and the same coefficient. It is stream-ordered on NCCL: no host
 synchronisation.
 
+Parameters that live on different groups (dense parameters sharded over data parallel ranks,
+experts over expert-parallel ranks, stages over pipeline ranks) are given as a list of
+``(parameters, group)`` pairs; each set is reduced over its group (``None``: not at all, e.g.
+replicated DDP gradients), and the sets' values are combined on every rank.
+
 MAX and MIN reductions may drop a NaN (they compare), and a count or a min hides an inf, so
 the all-reduce carries NaN and inf flags beside the value: a NaN (inf) gradient on any rank
 makes every rank's norm NaN (inf), for every norm type.
@@ -18,7 +23,30 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_power", "check_process_group", "reduction_device"]
+__all__ = ["all_reduce_power", "check_process_group", "pairs_of", "reduction_device"]
+
+
+def pairs_of(process_group, name: str):
+    """``process_group`` as a list of ``(list of tensors, group or None)`` pairs, or None when
+    it is a single group (or None). Checks every group."""
+    if not isinstance(process_group, (list, tuple)):
+        check_process_group(process_group)
+        return None
+    pairs = []
+    for index, pair in enumerate(process_group):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise TypeError(
+                f"process_group[{index}] must be a (parameters, group) pair, got {pair!r}"
+            )
+        tensors, group = pair
+        check_process_group(group)
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"process_group[{index}] holds a {type(t).__name__}, not a "
+                                f"Tensor, among its {name}")
+        pairs.append((tensors, group))
+    return pairs
 
 
 def check_process_group(process_group) -> None:
