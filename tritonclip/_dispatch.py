@@ -6,16 +6,30 @@ import math
 
 import torch
 
-from . import _torch_backend, _triton_backend, distributed
+from . import _torch_backend, _triton_backend, distributed, kernels
 from ._groups import Group, Layout, span_of_each
 
 _BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
 
 
 def _accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
-    if dtype in (torch.float64, torch.complex128) or norm_type == 0.0:
-        return torch.float64
-    return torch.float32
+    """The kernels' rule (float64 for float64 and for counts), on the real dtype of complex
+    gradients too."""
+    return kernels.accumulation_dtype(dtype.to_real() if dtype.is_complex else dtype, norm_type)
+
+
+_NONFINITE_ERROR = (
+    "The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+    "anyway, set `error_if_nonfinite=False` (or nonfinite='skip' to leave them untouched)"
+)
+
+
+def check_nonfinite(total: torch.Tensor, mode: str, norm_type: float) -> None:
+    """``RuntimeError`` for a non-finite norm in mode "error": the library's only host
+    synchronisation, and only when asked for."""
+    if mode == "error" and not bool(torch.isfinite(total)):
+        raise RuntimeError(_NONFINITE_ERROR.format(norm_type=norm_type))
 
 
 def move(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -253,7 +253,8 @@ def _strided_outside(spans: list[Span], strided: list[tuple[int, torch.Tensor]])
         base = t.data_ptr() - start * t.element_size()
         overlapping = [s for s in spans
                        if s.base == base and s.start < end and start < s.start + s.numel]
-        if overlapping and overlapping[0].start <= start and end <= overlapping[0].start + overlapping[0].numel:
+        inside = overlapping and overlapping[0].start <= start
+        if inside and end <= overlapping[0].start + overlapping[0].numel:
             continue  # inside one dense span
         clash = overlapping or [k for k in kept if k[0] == base and k[1] < end and start < k[2]]
         if clash:

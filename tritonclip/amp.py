@@ -78,11 +78,7 @@ def unscale_and_clip_grads_(
     scaled_norm = _dispatch.total_norm(grads, groups, norm_type, foreach)
     found_inf = nonfinite_flag(scaled_norm)
     total = scaled_norm * inv_scale
-    if mode == "error" and bool(found_inf):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
-            "clipped."
-        )
+    _dispatch.check_nonfinite(total, mode, norm_type)
     coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=False)
     factor = coef * inv_scale
     if mode == "skip":
@@ -155,14 +151,7 @@ def unscale_and_clip_(
 
         return clip_grad_norm_(params, max_norm, norm_type, foreach=foreach, backend=backend,
                                eps=eps, nonfinite=mode)
-    state = scaler._per_optimizer_states[id(optimizer)]
-    if state["stage"] is OptState.UNSCALED:
-        raise RuntimeError(
-            "unscale_() has already been called on this optimizer since the last update()."
-        )
-    if state["stage"] is OptState.STEPPED:
-        raise RuntimeError("unscale_() is being called after step().")
-    scale, _ = scaler._check_scale_growth_tracker("unscale_")
+    state, scale = begin_unscale(scaler, optimizer)
     grads = _validate.grads_of(params)
     for index, g in enumerate(grads):
         if g.dtype == torch.float16:
@@ -175,9 +164,27 @@ def unscale_and_clip_(
         grads, inv_scale, max_norm, norm_type, foreach, backend=backend, eps=eps,
         nonfinite=mode,
     )
-    devices = dict.fromkeys(g.device for g in grads)
-    state["found_inf_per_device"] = {
-        device: _dispatch.move(found_inf, device) for device in devices
-    }
-    state["stage"] = OptState.UNSCALED
+    end_unscale(state, found_inf, grads)
     return total
+
+
+def begin_unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer):
+    """(the optimizer's GradScaler state, the scale tensor), after the checks that
+    ``GradScaler.unscale_`` makes first."""
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        raise RuntimeError(
+            "unscale_() has already been called on this optimizer since the last update()."
+        )
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError("unscale_() is being called after step().")
+    scale, _ = scaler._check_scale_growth_tracker("unscale_")
+    return state, scale
+
+
+def end_unscale(state: dict, found_inf: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    """Leave the state as ``GradScaler.unscale_`` does: ``found_inf`` on every gradient
+    device, stage UNSCALED (so ``step`` consults it and ``update`` backs the scale off)."""
+    devices = dict.fromkeys(g.device for g in grads)
+    state["found_inf_per_device"] = {d: _dispatch.move(found_inf, d) for d in devices}
+    state["stage"] = OptState.UNSCALED

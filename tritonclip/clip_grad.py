@@ -11,18 +11,6 @@ from ._groups import group_tensors
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
-_NONFINITE_ERROR = (
-    "The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
-    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
-    "anyway, set `error_if_nonfinite=False` (or nonfinite='skip' to leave them untouched)"
-)
-
-def _check_nonfinite(total: torch.Tensor, mode: str, norm_type: float) -> None:
-    # The only host synchronisation of the module, and only when asked for.
-    if mode == "error" and not bool(torch.isfinite(total)):
-        raise RuntimeError(_NONFINITE_ERROR.format(norm_type=norm_type))
-
-
 def _same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
     """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
     seen: dict[int, int] = {}
@@ -104,7 +92,7 @@ def get_total_norm(
     else:
         result = _dispatch.total_norm(tensors, groups, norm_type, foreach,
                                       per_tensor=per_tensor, process_group=process_group)
-    _check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
+    _dispatch.check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
     return result
 
 
@@ -244,7 +232,7 @@ def clip_grad_norm_(
                                                      max_norm, eps,
                                                      skip_nonfinite=mode == "skip",
                                                      process_group=process_group)
-    _check_nonfinite(total, mode, norm_type)
+    _dispatch.check_nonfinite(total, mode, norm_type)
     _dispatch.scale_(groups, coef, foreach)
     return total
 

@@ -9,7 +9,6 @@ uses these to unscale. :func:`clip_into_` sets them so that the division also cl
 from __future__ import annotations
 
 import torch
-from torch.amp.grad_scaler import OptState
 
 from . import _dispatch, _validate, amp
 from ._groups import group_tensors
@@ -99,35 +98,21 @@ def clip_into_(
     if not grads:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
     device = grads[0].device
-
     if scaling:
-        state = scaler._per_optimizer_states[id(optimizer)]
-        if state["stage"] is not OptState.READY:
-            raise RuntimeError(
-                "clip_into_(scaler=...) replaces scaler.unscale_(optimizer): call it once per "
-                "step, before scaler.step(optimizer)"
-            )
-        scale, _ = scaler._check_scale_growth_tracker("unscale_")
-        inv_scale = _dispatch.move(amp.inverse_scale(scale), device)
+        state, scale = amp.begin_unscale(scaler, optimizer)
         scaled = _dispatch.total_norm(grads, groups, norm_type, foreach)
-        total = scaled * inv_scale
-        found_inf = amp.nonfinite_flag(scaled)
-    else:
-        total = _dispatch.total_norm(grads, groups, norm_type, foreach)
-    if mode == "error" and not bool(torch.isfinite(total)):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is "
-            "non-finite, so it cannot be clipped."
-        )
-    coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
-
-    if scaling:
+        total = scaled * _dispatch.move(amp.inverse_scale(scale), device)
+        _dispatch.check_nonfinite(total, mode, norm_type)
+        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+        # scaler.step hands grad_scale to the fused step, then deletes it
         optimizer.grad_scale = _dispatch.move(scale, device).float() / coef
-        state["found_inf_per_device"] = {
-            d: _dispatch.move(found_inf, d) for d in dict.fromkeys(g.device for g in grads)
-        }
-        state["stage"] = OptState.UNSCALED  # scaler.step hands grad_scale on, then deletes it
+        amp.end_unscale(state, amp.nonfinite_flag(scaled), grads)
     else:
+        # One group: the finalize kernel gives norm and coefficient (as clip_grad_norm_).
+        total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
+                                                     max_norm, eps,
+                                                     skip_nonfinite=mode == "skip")
+        _dispatch.check_nonfinite(total, mode, norm_type)
         optimizer.grad_scale = coef.reciprocal()
         _remove_after_step(optimizer)
     return total
