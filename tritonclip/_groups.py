@@ -51,11 +51,12 @@ class Layout:
 class Group:
     """A :class:`Layout` bound to the tensors of one call."""
 
-    __slots__ = ("layout", "tensors")
+    __slots__ = ("layout", "tensors", "_views")
 
     def __init__(self, layout: Layout, tensors: list[torch.Tensor]):
         self.layout = layout
         self.tensors = tensors
+        self._views = None
 
     device = property(lambda self: self.layout.device)
     dtype = property(lambda self: self.layout.dtype)
@@ -74,13 +75,16 @@ class Group:
         return [(s.base + s.start * size, s.numel) for s in self.spans]
 
     def views(self) -> list[torch.Tensor]:
-        """Tensors over the spans, for torch ops."""
-        tensors = self.tensors
-        return [
-            tensors[s.source] if s.whole
-            else tensors[s.source].detach().as_strided((s.numel,), (1,), s.start)
-            for s in self.spans
-        ]
+        """Tensors over the spans, for torch ops (built once per call: norm and scale share
+        them)."""
+        if self._views is None:
+            tensors = self.tensors
+            self._views = [
+                tensors[s.source] if s.whole
+                else tensors[s.source].detach().as_strided((s.numel,), (1,), s.start)
+                for s in self.spans
+            ]
+        return self._views
 
 
 def dense_extent(t: torch.Tensor) -> bool:
