@@ -2,8 +2,24 @@
 groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
 
 from .clamp import clamp_
-from .norm import accumulation_dtype, finalize, finalize_clip, fuses_coefficient, norm_partials
-from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, PlanCache, is_vector_aligned, plan_cache
+from .norm import (
+    accumulation_dtype,
+    finalize,
+    fuses_coefficient,
+    group_power,
+    norm_clip,
+    norm_partials,
+)
+from .plan import (
+    CHUNK,
+    VECTOR_BYTES,
+    Launch,
+    LaunchPlan,
+    PlanCache,
+    Streams,
+    is_vector_aligned,
+    plan_cache,
+)
 from .scale import scale_
 
 __all__ = [
@@ -12,12 +28,14 @@ __all__ = [
     "Launch",
     "LaunchPlan",
     "PlanCache",
+    "Streams",
     "accumulation_dtype",
     "clamp_",
     "finalize",
-    "finalize_clip",
     "fuses_coefficient",
+    "group_power",
     "is_vector_aligned",
+    "norm_clip",
     "norm_partials",
     "plan_cache",
     "scale_",

@@ -10,14 +10,24 @@ from .config import float64_bits, on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
 
 
+@triton.jit
+def _clamp_chunk(base, start, end, lo, hi, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(base + offs, mask=mask).to(ACC)
+        y = tl.minimum(tl.maximum(x, lo), hi)
+        tl.store(base + offs, store_cast(tl.where(x != x, x, y), DTYPE, SOFT_BF16), mask=mask)
+
+
 # Neither sizes nor bound bits are specialized (bits of 1 would become a constexpr, and
 # each new bound would compile anew).
-@triton.jit(do_not_specialize=["n_spans", "n_chunks", "lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks",
+                               "lo_bits", "hi_bits"])
 def _clamp_kernel(
-    # pointers
-    table_ptr,
-    # sizes
-    n_spans, n_chunks,
+    # the two streams of a plan (see plan.Streams)
+    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
     # bounds, as the bit patterns of float64 values (Triton passes Python floats as float32,
     # which would round the bounds of float64 gradients)
     lo_bits, hi_bits,
@@ -27,26 +37,29 @@ def _clamp_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     """g = min(max(g, lo), hi) over chunk ``pid`` of the plan; NaN stays NaN (as torch.clamp)."""
-    pid = tl.program_id(0).to(tl.int64)
-    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
     # A bound whose bits fit in 32 bits (0.0) arrives as i32: widen before the bitcast.
     lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    for off in range(start, end, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        mask = offs < end
-        x = tl.load(base + offs, mask=mask).to(ACC)
-        y = tl.minimum(tl.maximum(x, lo), hi)
-        tl.store(base + offs, store_cast(tl.where(x != x, x, y), DTYPE, SOFT_BF16), mask=mask)
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < first_chunks:
+        base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
+                                        DTYPE, CHUNK, ALIGNED, VEC)
+        _clamp_chunk(base, start, end, lo, hi, DTYPE, ACC, BLOCK, SOFT_BF16)
+    else:  # the unaligned stream behind an aligned one
+        base, start, end = chunk_bounds(second_table, second_spans, second_chunks,
+                                        pid - first_chunks, DTYPE, CHUNK, False, VEC)
+        _clamp_chunk(base, start, end, lo, hi, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
-    """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite)."""
-    meta = stream_meta(plan.dtype)
+    """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite),
+    in one launch."""
+    streams = plan.streams
+    if streams.n_programs == 0:
+        return
     with on_device(plan.device):
-        for launch in plan.launches:
-            _clamp_kernel[(launch.n_chunks,)](
-                launch.table, launch.n_spans, launch.n_chunks,
-                float64_bits(lo), float64_bits(hi),
-                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(), **meta,
-            )
+        _clamp_kernel[(streams.n_programs,)](
+            *streams.args(), float64_bits(lo), float64_bits(hi),
+            ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
+            **stream_meta(plan.dtype),
+        )

@@ -1,9 +1,11 @@
 """Multi-tensor norm: per-chunk partial reductions and their deterministic finalize.
 
-``norm_partials`` reads every span of a plan once and writes one partial per chunk:
-sum of g^2, sum of |g|, sum of |g|^p, max |g|, min |g| or the count of nonzeros. ``finalize``
-reduces those partials, in a fixed order, to the value of the whole group and optionally of
-each span. No atomics anywhere, so two runs on the same input agree bit for bit.
+The norm kernel reads every span of a plan once and writes one partial per chunk: sum of g^2,
+sum of |g|, sum of |g|^p, max |g|, min |g| or the count of nonzeros. Either the last of its
+programs reduces the partials to the group's value (``group_power``; with ``norm_clip`` also the
+float32 norm and the clip coefficient), all in one launch, or ``finalize`` reduces them per
+span in a second launch. Partials are always reduced in index order, and no atomic touches a
+value, so two runs on the same input agree bit for bit.
 
 Accumulation is float32 for float16/bfloat16/float32 gradients and float64 for float64;
 nonzero counts are accumulated as integers and kept as float64 (exact below 2**53).
@@ -29,24 +31,10 @@ from .config import finalize_config, float64_bits, on_device, stream_meta
 from .plan import LaunchPlan
 
 
-# Sizes are not specialized: one compilation per (dtype, norm, alignment) serves every model.
-@triton.jit(do_not_specialize=["n_spans", "n_chunks", "partial_offset", "p_bits"])
-def _norm_partials_kernel(
-    # pointers
-    table_ptr, partials_ptr,
-    # sizes
-    n_spans, n_chunks, partial_offset,
-    # order of the norm (NORM_SUM_POW only), as the bits of a float64: Triton passes Python
-    # floats as float32, which would round p for float64 gradients
-    p_bits,
-    # meta-parameters
-    DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
-):
-    """partials[partial_offset + c] = reduction over chunk c of the plan's spans."""
-    pid = tl.program_id(0).to(tl.int64)
-    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
-
+@triton.jit
+def _chunk_partial(base, start, end, p_bits,
+                   ACC: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """The reduction of elements [start, end) of ``base``."""
     if NORM == NORM_MIN:
         acc = tl.full([BLOCK], float("inf"), ACC)
     elif NORM == NORM_COUNT:
@@ -83,33 +71,15 @@ def _norm_partials_kernel(
         partial = tl.sum(acc.to(tl.int64), axis=0).to(tl.float64)
     else:
         partial = tl.sum(acc, axis=0)
-    tl.store(partials_ptr + partial_offset + pid, partial)
+    return partial
 
 
 @triton.jit
-def _finalize_kernel(
-    # pointers
-    partials_ptr, segments_ptr, out_ptr,
-    # epilogue outputs (EPILOGUE only): the float32 norm and clip coefficient
-    norm_ptr, coef_ptr,
-    # epilogue scalars
-    max_norm, eps,
-    # meta-parameters
-    NORM: tl.constexpr, BLOCK: tl.constexpr, EPILOGUE: tl.constexpr,
-    SKIP_NONFINITE: tl.constexpr,
-):
-    """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment.
-
-    With EPILOGUE (one program, segment 0 = the whole group; p = 0, 1, 2, inf or -inf, whose
-    root is exact or a correctly rounded sqrt) it also writes the group's norm
-    as float32 and the clip coefficient min(max_norm / (norm + eps), 1), computed with
-    IEEE-rounded sqrt and reciprocal exactly as the torch ops would; with SKIP_NONFINITE a
-    non-finite norm gives coefficient 1. This saves the half-dozen tiny launches of doing
-    the root and the coefficient with torch ops.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    start = tl.load(segments_ptr + 2 * pid)
-    end = tl.load(segments_ptr + 2 * pid + 1)
+def _reduce_partials(partials_ptr, start, end,
+                     NORM: tl.constexpr, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """partials[start:end] reduced in a fixed order (so bit-reproducible); 0 when empty.
+    CACHE is the loads' cache modifier: ".cg" (L2, not the SM's L1) where other programs
+    wrote the partials during this launch."""
     ACC: tl.constexpr = partials_ptr.dtype.element_ty
     if NORM == NORM_MIN:
         acc = tl.full([BLOCK], float("inf"), ACC)
@@ -119,41 +89,112 @@ def _finalize_kernel(
         offs = off + tl.arange(0, BLOCK)
         mask = offs < end
         if NORM == NORM_MAX:
-            x = tl.load(partials_ptr + offs, mask=mask, other=0)
+            x = tl.load(partials_ptr + offs, mask=mask, other=0, cache_modifier=CACHE)
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
         elif NORM == NORM_MIN:
-            x = tl.load(partials_ptr + offs, mask=mask, other=float("inf"))
+            x = tl.load(partials_ptr + offs, mask=mask, other=float("inf"), cache_modifier=CACHE)
             acc = tl.minimum(acc, x, propagate_nan=tl.PropagateNan.ALL)
         else:
-            acc += tl.load(partials_ptr + offs, mask=mask, other=0)
+            acc += tl.load(partials_ptr + offs, mask=mask, other=0, cache_modifier=CACHE)
     if NORM == NORM_MAX:
         value = tl.where(any_nan(acc), float("nan"), tl.max(acc, axis=0))
     elif NORM == NORM_MIN:
         value = tl.where(any_nan(acc), float("nan"), tl.min(acc, axis=0))
     else:
         value = tl.sum(acc, axis=0)
-    value = tl.where(end > start, value, 0.0).to(ACC)
-    tl.store(out_ptr + pid, value)
-    if EPILOGUE:
-        if NORM == NORM_SUM_SQUARES:
-            if ACC == tl.float64:
-                norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
-            else:
-                norm = tl.sqrt_rn(value)  # tl.sqrt of float32 is an approximation
-        else:  # p = 1, inf, -inf, 0: the power form is the norm
-            # A general p's root (exp2/log2: approximate on a GPU) is left to torch.pow.
-            tl.static_assert(NORM != NORM_SUM_POW)
-            norm = value
-        norm = norm.to(tl.float32)
-        # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
-        # same two roundings give the same coefficient, bit for bit.
-        coef = tl.div_rn(1.0, norm + eps) * max_norm
-        coef = tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        if SKIP_NONFINITE:
-            finite = (norm == norm) & (tl.abs(norm) != float("inf"))
-            coef = tl.where(finite, coef, 1.0)
-        tl.store(norm_ptr, norm)
-        tl.store(coef_ptr, coef)
+    return tl.where(end > start, value, 0.0).to(ACC)
+
+
+@triton.jit
+def _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps,
+                   NORM: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
+    """Write the float32 norm of a power-form ``value`` (p = 0, 1, 2, inf or -inf, whose root
+    is exact or a correctly rounded sqrt) and the clip coefficient min(max_norm / (norm +
+    eps), 1), computed with IEEE-rounded sqrt and reciprocal exactly as the torch ops would;
+    with SKIP_NONFINITE a non-finite norm gives coefficient 1."""
+    if NORM == NORM_SUM_SQUARES:
+        if value.dtype == tl.float64:
+            norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
+        else:
+            norm = tl.sqrt_rn(value)  # tl.sqrt of float32 is an approximation
+    else:  # p = 1, inf, -inf, 0: the power form is the norm
+        # A general p's root (exp2/log2: approximate on a GPU) is left to torch.pow.
+        tl.static_assert(NORM != NORM_SUM_POW)
+        norm = value
+    norm = norm.to(tl.float32)
+    # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
+    # same two roundings give the same coefficient, bit for bit.
+    coef = tl.div_rn(1.0, norm + eps) * max_norm
+    coef = tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    if SKIP_NONFINITE:
+        finite = (norm == norm) & (tl.abs(norm) != float("inf"))
+        coef = tl.where(finite, coef, 1.0)
+    tl.store(norm_ptr, norm)
+    tl.store(coef_ptr, coef)
+
+
+# Sizes are not specialized: one compilation per (dtype, norm, alignment) serves every model.
+@triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks",
+                               "p_bits"])
+def _norm_kernel(
+    # the two streams of a plan (see plan.Streams)
+    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
+    # pointers
+    partials_ptr, counter_ptr, out_ptr, norm_ptr, coef_ptr,
+    # order of the norm (NORM_SUM_POW only), as the bits of a float64: Triton passes Python
+    # floats as float32, which would round p for float64 gradients
+    p_bits,
+    # epilogue scalars (EPILOGUE only)
+    max_norm, eps,
+    # meta-parameters
+    DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    FUSED: tl.constexpr, EPILOGUE: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+):
+    """partials[pid] = reduction over chunk ``pid`` of the plan's spans.
+
+    With FUSED, the program that finishes last (found with an acquire-release counter, which
+    it resets to 0 for the next launch) reduces all partials, in index order whichever program
+    that is, into out[0]; with EPILOGUE it also writes the norm and the clip coefficient
+    (see ``_clip_epilogue``). The whole norm, or the norm and coefficient of a clip, is then
+    one launch, and still deterministic: no atomics touch the values.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < first_chunks:
+        base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
+                                        DTYPE, CHUNK, ALIGNED, VEC)
+        partial = _chunk_partial(base, start, end, p_bits, ACC, NORM, BLOCK)
+    else:
+        # Only an aligned first stream has a second (unaligned) one; with an unaligned first
+        # stream this branch is never taken.
+        base, start, end = chunk_bounds(second_table, second_spans, second_chunks,
+                                        pid - first_chunks, DTYPE, CHUNK, False, VEC)
+        partial = _chunk_partial(base, start, end, p_bits, ACC, NORM, BLOCK)
+    tl.store(partials_ptr + pid, partial)
+
+    if FUSED:
+        n_programs = first_chunks + second_chunks
+        # Every thread's store is done before the counter moves (barrier), and the release
+        # half of the atomic publishes it at GPU scope; the acquire half orders the last
+        # program's reads (".cg": from L2, past a stale L1) after everyone's stores.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_programs - 1:
+            value = _reduce_partials(partials_ptr, 0, n_programs, NORM, BLOCK, ".cg")
+            tl.store(out_ptr, value)
+            if EPILOGUE:
+                _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps, NORM, SKIP_NONFINITE)
+            tl.store(counter_ptr, 0)
+
+
+@triton.jit
+def _finalize_kernel(partials_ptr, segments_ptr, out_ptr,
+                     NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment."""
+    pid = tl.program_id(0).to(tl.int64)
+    start = tl.load(segments_ptr + 2 * pid)
+    end = tl.load(segments_ptr + 2 * pid + 1)
+    tl.store(out_ptr + pid, _reduce_partials(partials_ptr, start, end, NORM, BLOCK, ""))
 
 
 def norm_mode(norm_type: float) -> int:
@@ -180,71 +221,83 @@ def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
     return torch.float32
 
 
-def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
-    """Launch the partial reduction over every span of ``plan``.
-
-    Returns the partials (one per chunk) in :func:`accumulation_dtype`.
-    """
+def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: bool = False,
+                 max_norm: float = 0.0, eps: float = 0.0, skip_nonfinite: bool = False):
+    """(partials, out, norm, coef) after one launch of the norm kernel over ``plan``."""
     acc_dtype = accumulation_dtype(plan.dtype, norm_type)
-    partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=plan.device)
+    device = plan.device
+    streams = plan.streams
+    partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=device)
+    out = torch.empty(1, dtype=acc_dtype, device=device)
+    norm = torch.empty((), dtype=torch.float32, device=device)
+    coef = torch.empty((), dtype=torch.float32, device=device)
+    if streams.n_programs == 0:  # only empty spans
+        out.fill_(0.0)
+        return partials, out, norm, coef
     mode = norm_mode(norm_type)
-    meta = stream_meta(plan.dtype)
-    with on_device(plan.device):
-        for launch in plan.launches:
-            _norm_partials_kernel[(launch.n_chunks,)](
-                launch.table, partials,
-                launch.n_spans, launch.n_chunks, launch.partial_offset,
-                float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0),
-                NORM=mode, ALIGNED=launch.aligned, **meta,
-            )
-    return partials
+    with on_device(device):
+        _norm_kernel[(streams.n_programs,)](
+            *streams.args(), partials, plan.counter, out, norm, coef,
+            float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
+            NORM=mode, ALIGNED=streams.first_aligned, FUSED=fused, EPILOGUE=epilogue,
+            SKIP_NONFINITE=skip_nonfinite, **stream_meta(plan.dtype),
+        )
+    return partials, out, norm, coef
+
+
+def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
+    """Launch the partial reduction over every span of ``plan`` (one launch).
+
+    Returns the partials (one per chunk) in :func:`accumulation_dtype`, for :func:`finalize`.
+    """
+    return _launch_norm(plan, norm_type, fused=False)[0]
 
 
 def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """Reduce ``partials`` over the plan's segments.
+    """Reduce ``partials`` over the plan's segments (one launch).
 
     Returns a 1-D tensor in the partials' dtype: element 0 is the group's value, and, for a
     plan built with per-span segments, element 1 + i is span i's value (0 for an empty span).
     Values are in "power" form (sum |g|^p, max, min or count); roots are taken by the caller.
     """
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
-    _launch_finalize(plan, partials, norm_type, out, out, out, plan.n_segments,
-                     max_norm=0.0, eps=0.0, epilogue=False, skip_nonfinite=False)
+    block, num_warps = finalize_config()
+    with on_device(plan.device):
+        _finalize_kernel[(plan.n_segments,)](partials, plan.segments, out,
+                                             NORM=norm_mode(norm_type), BLOCK=block,
+                                             num_warps=num_warps)
     return out
 
 
-def finalize_clip(plan: LaunchPlan, partials: torch.Tensor, norm_type: float, max_norm: float,
-                  eps: float, skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce ``partials`` to the group's norm and clip coefficient in one launch.
+def group_power(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
+    """The power-form value of all of ``plan``'s spans as one vector, in one launch: a
+    1-element tensor in :func:`accumulation_dtype` (the same value as ``finalize(...)[0]``)."""
+    return _launch_norm(plan, norm_type, fused=True)[1]
+
+
+def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
+              skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's norm and clip coefficient in one launch.
 
     Returns (norm, coef): float32 0-dim tensors on the plan's device, with
     ``coef = min(max_norm / (norm + eps), 1)`` (1 where the norm is not finite and
     ``skip_nonfinite``). For a list whose gradients form a single group, and ``norm_type``
     0, 1, 2, inf or -inf (see :func:`fuses_coefficient`).
+
+    The launch uses the plan's arrival counter: two launches over one plan must not run
+    concurrently (on two streams at once); one after the other, as in training, is fine.
     """
     if not fuses_coefficient(norm_type):
-        raise ValueError(f"finalize_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")
-    out = torch.empty(1, dtype=partials.dtype, device=plan.device)
-    norm = torch.empty((), dtype=torch.float32, device=plan.device)
-    coef = torch.empty((), dtype=torch.float32, device=plan.device)
-    _launch_finalize(plan, partials, norm_type, out, norm, coef, 1,
-                     max_norm=max_norm, eps=eps, epilogue=True, skip_nonfinite=skip_nonfinite)
+        raise ValueError(f"norm_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")
+    _, out, norm, coef = _launch_norm(plan, norm_type, fused=True, epilogue=True,
+                                      max_norm=max_norm, eps=eps, skip_nonfinite=skip_nonfinite)
+    if plan.streams.n_programs == 0:
+        coef.fill_(1.0)
+        norm.fill_(0.0)
     return norm, coef
 
 
 def fuses_coefficient(norm_type: float) -> bool:
-    """Whether :func:`finalize_clip` takes this norm order: those whose root is exact (0, 1,
+    """Whether :func:`norm_clip` takes this norm order: those whose root is exact (0, 1,
     inf, -inf) or a correctly rounded sqrt (2), so the fused result equals the unfused one."""
     return norm_mode(norm_type) != NORM_SUM_POW.value
-
-
-def _launch_finalize(plan, partials, norm_type, out, norm, coef, n_programs, *, max_norm, eps,
-                     epilogue, skip_nonfinite):
-    block, num_warps = finalize_config()
-    mode = norm_mode(norm_type)
-    with on_device(plan.device):
-        _finalize_kernel[(n_programs,)](
-            partials, plan.segments, out, norm, coef, max_norm, eps,
-            NORM=mode, BLOCK=block, EPILOGUE=epilogue, SKIP_NONFINITE=skip_nonfinite,
-            num_warps=num_warps,
-        )

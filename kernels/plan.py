@@ -6,12 +6,17 @@ plan's single int64 device tensor holds, per launch::
 
     [ base address x S | element count x S | chunk -> span x C | chunk -> first element x C ]
 
-followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial indices).
+followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial indices)
+and one int64 counter, zero between launches, with which the fused norm kernel's programs find
+the last of them (see ``norm.norm_clip``).
 
 Spans whose base address is 16-byte aligned and whose length is a multiple of the 16-byte
 vector go to the ``aligned`` launch, which is compiled with divisibility hints so that the
 streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` launch.
-Both launches write their per-chunk partials into one buffer, so a reduction stays one buffer.
+Both alignment classes are covered by *one* kernel launch (:class:`Streams`): programs
+``[0, n_first)`` take chunks of the first class (aligned, when there are any) and the rest
+take chunks of the unaligned class, each through its own specialized loop. Partials are
+indexed by program id, so a reduction stays one buffer.
 
 Plans are cached by ``(device, dtype, per-span segments, ((address, numel), ...))``: a second
 call on the same gradients builds nothing and copies nothing from host to device.
@@ -58,6 +63,48 @@ class LaunchPlan:
     n_partials: int
     segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
     n_segments: int
+    counter: torch.Tensor  # int64 [1], zero between launches: the fused norm's arrival count
+
+    @property
+    def streams(self) -> "Streams":
+        """The arguments of one launch over every span (see :class:`Streams`)."""
+        if not self.launches:  # only empty spans: nothing to launch
+            return Streams(False, self.counter, 0, 0, self.counter, 0, 0)
+        first = self.launches[0]
+        second = self.launches[1] if len(self.launches) > 1 else None
+        if second is None:
+            return Streams(first.aligned, first.table, first.n_spans, first.n_chunks,
+                           first.table, 0, 0)
+        return Streams(True, first.table, first.n_spans, first.n_chunks,
+                       second.table, second.n_spans, second.n_chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Streams:
+    """One launch over both alignment classes of a plan.
+
+    Program ``pid < first_chunks`` handles chunk ``pid`` of the first table (aligned when
+    ``first_aligned``); the others handle chunk ``pid - first_chunks`` of the second table,
+    which is always unaligned (and empty unless the first is aligned). The grid is
+    ``n_programs``, and program ``pid`` owns partial ``pid``.
+    """
+
+    first_aligned: bool
+    first_table: torch.Tensor
+    first_spans: int
+    first_chunks: int
+    second_table: torch.Tensor
+    second_spans: int
+    second_chunks: int
+
+    @property
+    def n_programs(self) -> int:
+        return self.first_chunks + self.second_chunks
+
+    def args(self) -> tuple:
+        """Positional kernel arguments, in the order the streaming kernels declare them."""
+        return (self.first_table, self.first_spans, self.first_chunks,
+                self.second_table, self.second_spans, self.second_chunks)
 
 
 def is_vector_aligned(address: int, numel: int, element_size: int) -> bool:
@@ -107,6 +154,7 @@ def _build(
         segment_rows.extend(span_partials)
     for start, end in segment_rows:
         rows.extend((start, end))
+    rows.append(0)  # the arrival counter
 
     # One host-to-device copy per plan; the plan is cached so steady state makes none.
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
@@ -114,8 +162,9 @@ def _build(
         Launch(aligned, table[offset:], n_spans, n_chunks, partial_offset)
         for aligned, offset, n_spans, n_chunks, partial_offset in layout
     )
-    segments = table[segments_offset:].view(-1, 2)
-    return LaunchPlan(device, dtype, launches, n_partials, segments, len(segment_rows))
+    segments = table[segments_offset:-1].view(-1, 2)
+    return LaunchPlan(device, dtype, launches, n_partials, segments, len(segment_rows),
+                      table[-1:])
 
 
 class PlanCache:

@@ -11,13 +11,23 @@ from .config import on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
 
 
+@triton.jit
+def _scale_chunk(base, start, end, coef, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(base + offs, mask=mask)
+        tl.store(base + offs, store_cast(x.to(ACC) * coef, DTYPE, SOFT_BF16), mask=mask)
+
+
 # Sizes are not specialized: one compilation per (dtype, alignment) serves every model.
-@triton.jit(do_not_specialize=["n_spans", "n_chunks"])
+@triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks"])
 def _scale_kernel(
+    # the two streams of a plan (see plan.Streams)
+    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
     # pointers
-    table_ptr, coef_ptr,
-    # sizes
-    n_spans, n_chunks,
+    coef_ptr,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
@@ -30,25 +40,29 @@ def _scale_kernel(
     # 4-byte load per program. A NaN coefficient does not compare >= 1 and propagates.
     if SKIP_AT_LEAST_ONE and coef >= 1.0:
         return
-    pid = tl.program_id(0).to(tl.int64)
-    base, start, end = chunk_bounds(table_ptr, n_spans, n_chunks, pid, DTYPE, CHUNK, ALIGNED, VEC)
     coef = coef.to(ACC)
-    for off in range(start, end, BLOCK):
-        offs = off + tl.arange(0, BLOCK)
-        mask = offs < end
-        x = tl.load(base + offs, mask=mask)
-        tl.store(base + offs, store_cast(x.to(ACC) * coef, DTYPE, SOFT_BF16), mask=mask)
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < first_chunks:
+        base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
+                                        DTYPE, CHUNK, ALIGNED, VEC)
+        _scale_chunk(base, start, end, coef, DTYPE, ACC, BLOCK, SOFT_BF16)
+    else:  # the unaligned stream behind an aligned one
+        base, start, end = chunk_bounds(second_table, second_spans, second_chunks,
+                                        pid - first_chunks, DTYPE, CHUNK, False, VEC)
+        _scale_chunk(base, start, end, coef, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
 def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
     """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
-    plan's device). With ``skip_at_least_one`` (a clip coefficient) a coefficient >= 1 leaves
-    the memory untouched; without it (e.g. an unscale by 1/scale folded in) it is applied."""
-    meta = stream_meta(plan.dtype)
+    plan's device), in one launch. With ``skip_at_least_one`` (a clip coefficient) a
+    coefficient >= 1 leaves the memory untouched; without it (e.g. an unscale by 1/scale
+    folded in) it is applied."""
+    streams = plan.streams
+    if streams.n_programs == 0:
+        return
     with on_device(plan.device):
-        for launch in plan.launches:
-            _scale_kernel[(launch.n_chunks,)](
-                launch.table, coef, launch.n_spans, launch.n_chunks,
-                ALIGNED=launch.aligned, SOFT_BF16=soft_bf16_rounding(),
-                SKIP_AT_LEAST_ONE=skip_at_least_one, **meta,
-            )
+        _scale_kernel[(streams.n_programs,)](
+            *streams.args(), coef, ALIGNED=streams.first_aligned,
+            SOFT_BF16=soft_bf16_rounding(), SKIP_AT_LEAST_ONE=skip_at_least_one,
+            **stream_meta(plan.dtype),
+        )

@@ -30,6 +30,18 @@ _NORMS = {"sumsq": 2.0, "sumabs": 1.0, "sumpow": 3.5, "max": float("inf"), "min"
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def _stream_pointers():
+    """The leading arguments every streaming kernel takes: the plan's two streams."""
+    return {"first_table": "*i64", "first_spans": "i32", "first_chunks": "i32",
+            "second_table": "*i64", "second_spans": "i32", "second_chunks": "i32"}
+
+
+# The norm kernel's modes: partials only (then a per-span finalize), the group's value by the
+# last program (FUSED), and that plus the clip epilogue (with or without SKIP_NONFINITE).
+_NORM_MODES = {"partials": (False, False, False), "fused": (True, False, False),
+               "clip": (True, True, False), "clip-skip": (True, True, True)}
+
+
 def specializations():
     """(name, kernel, signature, constexprs, num_warps) for every launchable variant."""
     for dtype in _TYPE:
@@ -39,41 +51,39 @@ def specializations():
             common = dict(meta, ALIGNED=aligned)
             tag = f"{_TYPE[dtype]}-{'aligned' if aligned else 'unaligned'}"
             for norm_name, norm_type in _NORMS.items():
-                partials = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
-                yield (f"norm_partials-{norm_name}-{tag}", norm._norm_partials_kernel,
-                       {"table_ptr": "*i64", "partials_ptr": f"*{partials}", "n_spans": "i32",
-                        "n_chunks": "i32", "partial_offset": "i32", "p_bits": "i64"},
-                       dict(common, NORM=norm.norm_mode(norm_type)), warps)
+                acc = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
+                for mode, (fused, epilogue, skip) in _NORM_MODES.items():
+                    if epilogue and not norm.fuses_coefficient(norm_type):
+                        continue
+                    if skip and not (dtype == torch.float32 and aligned):
+                        continue  # SKIP_NONFINITE changes one select: compiled once per norm
+                    yield (f"norm-{mode}-{norm_name}-{tag}", norm._norm_kernel,
+                           dict(_stream_pointers(), partials_ptr=f"*{acc}", counter_ptr="*i64",
+                                out_ptr=f"*{acc}", norm_ptr="*fp32", coef_ptr="*fp32",
+                                p_bits="i64", max_norm="fp32", eps="fp32"),
+                           dict(common, NORM=norm.norm_mode(norm_type), FUSED=fused,
+                                EPILOGUE=epilogue, SKIP_NONFINITE=skip), warps)
             for suffix, skip in (("", True), ("-noskip", False)):
                 yield (f"scale-{tag}{suffix}", scale._scale_kernel,
-                       {"table_ptr": "*i64", "coef_ptr": "*fp32", "n_spans": "i32",
-                        "n_chunks": "i32"},
+                       dict(_stream_pointers(), coef_ptr="*fp32"),
                        dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip), warps)
             yield (f"clamp-{tag}", clamp._clamp_kernel,
-                   {"table_ptr": "*i64", "n_spans": "i32", "n_chunks": "i32", "lo_bits": "i64",
-                    "hi_bits": "i64"},
+                   dict(_stream_pointers(), lo_bits="i64", hi_bits="i64"),
                    dict(common, SOFT_BF16=False), warps)
             if dtype == torch.float32:
                 # A bound of 0.0 has bits 0, which Triton passes as i32.
                 yield (f"clamp-{tag}-zero-bound", clamp._clamp_kernel,
-                       {"table_ptr": "*i64", "n_spans": "i32", "n_chunks": "i32",
-                        "lo_bits": "i32", "hi_bits": "i64"},
+                       dict(_stream_pointers(), lo_bits="i32", hi_bits="i64"),
                        dict(common, SOFT_BF16=False), warps)
     block, warps = finalize_config()
-    epilogues = {"": (False, False), "-clip": (True, False), "-clip-skip": (True, True)}
     for norm_name, norm_type in _NORMS.items():
         for partials in ("fp32", "fp64"):
             if norm_name == "count" and partials == "fp32":
                 continue
-            for suffix, (epilogue, skip) in epilogues.items():
-                if epilogue and not norm.fuses_coefficient(norm_type):
-                    continue
-                yield (f"finalize-{norm_name}-{partials}{suffix}", norm._finalize_kernel,
-                       {"partials_ptr": f"*{partials}", "segments_ptr": "*i64",
-                        "out_ptr": f"*{partials}", "norm_ptr": "*fp32", "coef_ptr": "*fp32",
-                        "max_norm": "fp32", "eps": "fp32"},
-                       dict(NORM=norm.norm_mode(norm_type), BLOCK=block, EPILOGUE=epilogue,
-                            SKIP_NONFINITE=skip), warps)
+            yield (f"finalize-{norm_name}-{partials}", norm._finalize_kernel,
+                   {"partials_ptr": f"*{partials}", "segments_ptr": "*i64",
+                    "out_ptr": f"*{partials}"},
+                   dict(NORM=norm.norm_mode(norm_type), BLOCK=block), warps)
 
 
 def _tool(name, *args):
@@ -85,9 +95,10 @@ def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) ->
     signature = dict(signature, **{key: "constexpr" for key in constexprs})
     # As launched: sizes (spans, chunks, offsets: all < 2**31) arrive as i32; fresh buffers
     # (partials, coefficient, outputs) are 16-byte aligned, which Triton specializes on; the
-    # plan tables are views at any 8-byte offset, so they get no alignment.
+    # plan tables (and the counter at their end) are views at any 8-byte offset, so they get
+    # no alignment.
     attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items())
-             if kind.startswith("*") and arg not in ("table_ptr", "segments_ptr")}
+             if kind.startswith("*") and not arg.endswith(("table", "segments_ptr", "counter_ptr"))}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps})
@@ -104,6 +115,11 @@ def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) ->
         # IEEE-rounded float32 sqrt and division (the finalize epilogue's coefficient)
         "ieee_sqrt_div": ("sqrt.rn.f32" in compiled.asm["ptx"], "div.rn.f32" in compiled.asm["ptx"]),
         # float32 -> bfloat16 conversions, by rounding mode (rn: to nearest even)
+        # the last-program handshake: an acquire-release GPU-scope atomic after a barrier, and
+        # partials read through L2
+        "acq_rel_atomics": len(re.findall(r"atom\.[\w.]*acq_rel[\w.]*gpu|atom\.[\w.]*gpu[\w.]*acq_rel", compiled.asm["ptx"])),
+        "barriers": len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", compiled.asm["ptx"])),
+        "cg_loads": len(re.findall(r"ld\.global\.cg", compiled.asm["ptx"])),
         "bf16_cvt_modes": sorted(set(re.findall(r"cvt\.(\w+)\.bf16(?:x2)?\.f32", compiled.asm["ptx"]))),
     }
 

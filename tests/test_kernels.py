@@ -142,7 +142,7 @@ def test_nonzero_count_is_exact_past_float32_integers():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0],
                          ids=["2", "1", "inf", "-inf", "0"])
-def test_finalize_clip_matches_the_torch_formula(dtype, norm_type):
+def test_norm_clip_matches_the_torch_formula(dtype, norm_type):
     from tritonclip._torch_backend import root
 
     g = random_grads([70001], dtype, seed=4)[0]
@@ -150,30 +150,83 @@ def test_finalize_clip_matches_the_torch_formula(dtype, norm_type):
     partials = kernels.norm_partials(plan, norm_type)
     expected_norm = root(kernels.finalize(plan, partials, norm_type)[0], norm_type).float()
     for max_norm in (0.5, 1e9, math.inf):
-        norm, coef = kernels.finalize_clip(plan, partials, norm_type, max_norm, 1e-6, False)
+        norm, coef = kernels.norm_clip(plan, norm_type, max_norm, 1e-6, False)
         assert norm.dtype == coef.dtype == torch.float32
         assert torch.equal(norm, expected_norm)  # the fused path changes no bit
         assert torch.equal(coef, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        assert plan.counter.item() == 0  # reset by the last program for the next launch
 
 
-def test_finalize_clip_refuses_a_general_p():
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0])
+def test_fused_group_value_equals_the_two_launch_finalize(dtype, norm_type):
+    # Both alignment classes, several chunks each: the last program's reduction must see
+    # every partial, in the same order as the separate finalize.
+    flat = random_grads([3 * kernels.CHUNK + 40], dtype, seed=9)[0]
+    views = [flat[:kernels.CHUNK + 8], flat[kernels.CHUNK + 9:2 * kernels.CHUNK + 30],
+             flat[2 * kernels.CHUNK + 32:]]
+    plan = kernels.plan_cache.get(_spans(views), flat.device, dtype)
+    assert plan.streams.first_aligned and plan.streams.second_chunks == 2
+    fused = kernels.group_power(plan, norm_type)
+    separate = kernels.finalize(plan, kernels.norm_partials(plan, norm_type), norm_type)
+    assert torch.equal(fused, separate[:1])
+    assert plan.counter.item() == 0
+
+
+def test_norm_clip_refuses_a_general_p():
     # Its root would be an approximate exp2/log2 on a GPU: such norms take the torch root.
     g = torch.ones(10)
     plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
     assert not kernels.fuses_coefficient(3.5) and kernels.fuses_coefficient(2.0)
     with pytest.raises(ValueError, match="3.5"):
-        kernels.finalize_clip(plan, kernels.norm_partials(plan, 3.5), 3.5, 1.0, 1e-6, False)
+        kernels.norm_clip(plan, 3.5, 1.0, 1e-6, False)
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_finalize_clip_nonfinite(skip):
+def test_norm_clip_nonfinite(skip):
     g = torch.tensor([1.0, float("nan"), 2.0])
     plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
     for norm_type in (2.0, 1.0, math.inf, -math.inf):
-        partials = kernels.norm_partials(plan, norm_type)
-        norm, coef = kernels.finalize_clip(plan, partials, norm_type, 1.0, 1e-6, skip)
+        norm, coef = kernels.norm_clip(plan, norm_type, 1.0, 1e-6, skip)
         assert norm.isnan()
         assert coef.item() == 1.0 if skip else coef.isnan()
+
+
+class _LaunchCounter:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from tritonclip.kernels import clamp, norm, scale
+
+    log = []
+    for module, name in ((norm, "_norm_kernel"), (norm, "_finalize_kernel"),
+                         (scale, "_scale_kernel"), (clamp, "_clamp_kernel")):
+        monkeypatch.setattr(module, name, _LaunchCounter(getattr(module, name), log))
+    return log
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_a_norm_clip_is_two_launches_and_a_value_clip_one(launches, norm_type):
+    # Aligned and unaligned spans of one dtype: still one launch per pass.
+    flat = random_grads([4000], torch.float32, seed=2, scale=10.0)[0]
+    params = params_with([flat[:1024], flat[1025:2000], flat[2004:4000]])
+    tritonclip.clip_grad_norm_(params, 1.0, norm_type, backend="triton")
+    assert len(launches) == 2, launches
+    launches.clear()
+    tritonclip.clip_grad_value_(params, 0.1, backend="triton")
+    assert len(launches) == 1, launches
+    launches.clear()
+    tritonclip.get_total_norm([p.grad for p in params], norm_type, backend="triton")
+    assert len(launches) == 1, launches
 
 
 def test_general_p_keeps_float64_precision_for_float64_grads():

@@ -174,8 +174,8 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
     """(total norm, clip coefficient) for ``clip_grad_norm_``.
 
     When all gradients form one Triton group of dense spans (one dtype on one device: the
-    common case) and the norm is 0, 1, 2, inf or -inf, the finalize kernel computes both, and
-    the whole clip is three launches: partials, finalize, scale. Otherwise the groups' values
+    common case) and the norm is 0, 1, 2, inf or -inf, the norm kernel's last program
+    computes both, and the whole clip is two launches: norm, scale. Otherwise the groups' values
     are combined with torch ops.
     """
     working = [g for g in groups if g.spans or g.others]

@@ -25,17 +25,20 @@ def _plan(group: Group, per_span: bool = False) -> kernels.LaunchPlan:
 
 def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,
                 per_span: bool = False):
-    """(power-form value of the group, per-span norms or None): two launches (partials,
-    finalize) for the spans, plus torch ops for the leftovers."""
+    """(power-form value of the group, per-span norms or None): one launch for the spans
+    (two with ``per_span``: partials, then a finalize per span), plus torch ops for the
+    leftovers."""
     parts = []
     per = None
     if group.spans:
         plan = _plan(group, per_span)
-        partials = kernels.norm_partials(plan, norm_type)
-        values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
-        parts.append(values[:1])
         if per_span:
+            partials = kernels.norm_partials(plan, norm_type)
+            values = kernels.finalize(plan, partials, norm_type).to(acc_dtype)
             per = _torch_backend.root(values[1:], norm_type)
+        else:
+            values = kernels.group_power(plan, norm_type).to(acc_dtype)
+        parts.append(values[:1])
     if group.others:
         norms = _torch_backend.tensor_norms(group.others, norm_type, acc_dtype, group.device,
                                             foreach)
@@ -47,16 +50,13 @@ def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach:
 
 def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: float,
                          skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 norm, clip coefficient) of a group of dense spans: two launches."""
-    plan = _plan(group)
-    partials = kernels.norm_partials(plan, norm_type)
-    return kernels.finalize_clip(plan, partials, norm_type, max_norm, eps, skip_nonfinite)
+    """(float32 norm, clip coefficient) of a group of dense spans: one launch."""
+    return kernels.norm_clip(_plan(group), norm_type, max_norm, eps, skip_nonfinite)
 
 
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None,
            skip_at_least_one: bool = True) -> None:
-    """One launch per alignment class; every program returns at once when coef >= 1 (if
-    ``skip_at_least_one``)."""
+    """One launch; every program returns at once when coef >= 1 (if ``skip_at_least_one``)."""
     if group.spans:
         kernels.scale_(_plan(group), coef, skip_at_least_one)
     for t in group.others:

@@ -160,8 +160,8 @@ def clip_grad_norm_(
     .. math::
         \min\left(\frac{max\_norm}{total\_norm + eps}, 1\right)
 
-    On CUDA, with the Triton backend, gradients of one dtype are clipped in three launches
-    (norm partials, a finalize that also computes the coefficient, the scale), with no host
+    On CUDA, with the Triton backend, gradients of one dtype are clipped in two launches
+    (the norm, whose last program also computes the coefficient, and the scale), with no host
     synchronisation (except ``nonfinite="error"``). Mixed dtypes or devices add a few small
     torch ops to combine the groups.
 

@@ -153,3 +153,18 @@ def test_amp_unscale_and_clip_matches_two_calls_without_sync():
         assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-5)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 0.0])
+def test_last_program_sees_every_partial(norm_type):
+    # The fused norm's handshake under load: thousands of programs of both alignment classes
+    # racing to be last, many times over, must give the separate finalize's value bit for
+    # bit (a lost store would show as a different sum), and leave the counter at 0.
+    flat = random_grads([3000 * kernels.CHUNK + 77], torch.float32, device="cuda", seed=5)[0]
+    views = [flat[:1000 * kernels.CHUNK], flat[1000 * kernels.CHUNK + 1:]]
+    plan = kernels.plan_cache.get([(v.data_ptr(), v.numel()) for v in views], flat.device,
+                                  torch.float32)
+    expected = kernels.finalize(plan, kernels.norm_partials(plan, norm_type), norm_type)[:1]
+    values = torch.stack([kernels.group_power(plan, norm_type) for _ in range(200)])
+    assert torch.equal(values, expected.expand(200, 1))
+    assert plan.counter.item() == 0
