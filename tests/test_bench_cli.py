@@ -33,8 +33,8 @@ def test_cli_writes_results_table_and_plots(tmp_path, capsys):
         elif r["family"] == "many-small":  # CPU path: 4K-element tensors clamp in two passes
             assert r["bytes_moved"] == 4 * r["grad_bytes"]
         assert "speedup_vs_torch" in r or r["impl"] == "optimizer-only"
-        if r["family"] == "many-small" and r["op"] == "value":
-            assert r["wall_ms_per_call"] > 0
+        if r["family"] == "many-small" and r["op"] in ("value", "active", "amp"):
+            assert r["wall_ms_per_call"] > 0  # with a restore between calls (active, amp) too
     assert {r["op"] for r in records} == {"active", "value", "amp", "step"}
     step = [r for r in records if r["op"] == "step" and r["impl"] == "tritonclip"]
     assert len(step) == 4 and all("overhead_vs_torch" in r for r in step)

@@ -166,8 +166,9 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
             moved = cases.moved_bytes(impl, op, grads)
             gbps = moved / (stats["median_ms"] * 1e-3) / 1e9
             record.update(stats, bytes_moved=moved, gbps=gbps, copy_fraction=gbps / copy_gbps)
-            if gset.family == "many-small" and setup is None:
-                record["wall_ms_per_call"] = timing.wall_time_ms(fn, device, calls=max(reps, 10))
+            if gset.family == "many-small":
+                record["wall_ms_per_call"] = timing.wall_time_ms(fn, device, max(reps, 10),
+                                                                 setup)
             records.append(record)
             bar.update()
     del params, grads, setup
