@@ -1,25 +1,15 @@
 """Distributed norms on CPU with gloo: spawned ranks, each holding a shard of one global set of
 gradients, against a single-process float64 reference of the whole set."""
 
-import datetime
 import math
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+import spawn
 
 NORM_TYPES = [0.0, 0.5, 1.0, 2.0, 3.5, math.inf, -math.inf]
-TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_grads():
@@ -32,85 +22,67 @@ def _shard(grads, rank, world):
     return [g.clone() for i, g in enumerate(grads) if i % world == rank]
 
 
-def _worker(rank, world, port, backend_name):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def _worker(rank, world, backend_name):
     import tritonclip
     from helpers import applied_coefficient, assert_norm_close, assert_scaled_once, params_with
     from tritonclip import reference
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
-        group = dist.group.WORLD
-        everything = _global_grads()
-        # 1. every norm type: the same global norm on every rank
-        for p in NORM_TYPES:
-            local = _shard(everything, rank, world)
-            total = tritonclip.get_total_norm(local, p, process_group=group, backend=backend_name)
-            assert_norm_close(total, reference.total_norm(everything, p))
-        # 2. clipping: each rank scales its shard by the global coefficient
+    group = dist.group.WORLD
+    everything = _global_grads()
+    # 1. every norm type: the same global norm on every rank
+    for p in NORM_TYPES:
         local = _shard(everything, rank, world)
-        before = [g.clone() for g in local]
-        total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
-                                           backend=backend_name)
-        assert_norm_close(total, reference.total_norm(everything, 2.0))
-        for g, b in zip(local, before):
-            assert_scaled_once(g, b, applied_coefficient(total, 1.0))
-        # 3. a NaN on rank 0 only: every rank sees a NaN norm, for every norm type
-        for p in NORM_TYPES:
-            local = _shard(everything, rank, world)
-            if rank == 0:
-                local[0][5] = float("nan")
-            total = tritonclip.get_total_norm(local, p, process_group=group, backend=backend_name)
-            assert math.isnan(float(total)), (rank, p, float(total))
-        # 4. ... and with nonfinite="skip" no rank changes any gradient
+        total = tritonclip.get_total_norm(local, p, process_group=group, backend=backend_name)
+        assert_norm_close(total, reference.total_norm(everything, p))
+    # 2. clipping: each rank scales its shard by the global coefficient
+    local = _shard(everything, rank, world)
+    before = [g.clone() for g in local]
+    total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
+                                       backend=backend_name)
+    assert_norm_close(total, reference.total_norm(everything, 2.0))
+    for g, b in zip(local, before):
+        assert_scaled_once(g, b, applied_coefficient(total, 1.0))
+    # 3. a NaN on rank 0 only: every rank sees a NaN norm, for every norm type
+    for p in NORM_TYPES:
         local = _shard(everything, rank, world)
         if rank == 0:
             local[0][5] = float("nan")
-        before = [g.clone() for g in local]
-        tritonclip.clip_grad_norm_(params_with(local), 1e-3, process_group=group,
-                                   nonfinite="skip", backend=backend_name)
-        for g, b in zip(local, before):
-            assert torch.equal(g.nan_to_num(), b.nan_to_num())
-        # 5. a rank with no gradients at all still takes part
-        local = _shard(everything, rank, world) if rank != world - 1 else []
-        expected = [g for i, g in enumerate(everything) if i % world != world - 1]
-        total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
-                                           backend=backend_name)
-        assert_norm_close(total, reference.total_norm(expected, 2.0))
-        # 6. dense parameters replicated on every rank (group None) beside experts sharded
-        #    over the group: the pairs count each once
-        for p in NORM_TYPES:
-            dense = params_with([g.clone() for g in everything[:3]])
-            experts = params_with(_shard(everything[3:], rank, world))
-            total = tritonclip.clip_grad_norm_(dense + experts, 1.0, p, backend=backend_name,
-                                               process_group=[(dense, None), (experts, group)])
-            assert_norm_close(total, reference.total_norm(everything, p))
-        # 7. no rank has any gradient: 0 for every order, as in a single process
-        for p in NORM_TYPES:
-            total = tritonclip.get_total_norm([], p, process_group=group, backend=backend_name)
-            assert float(total) == 0.0, (p, float(total))
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(world, backend_name):
-    port = _free_port()
-    context = mp.start_processes(_worker, args=(world, port, backend_name), nprocs=world,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed test did not finish in {TIMEOUT_S} s")
+        total = tritonclip.get_total_norm(local, p, process_group=group, backend=backend_name)
+        assert math.isnan(float(total)), (rank, p, float(total))
+    # 4. ... and with nonfinite="skip" no rank changes any gradient
+    local = _shard(everything, rank, world)
+    if rank == 0:
+        local[0][5] = float("nan")
+    before = [g.clone() for g in local]
+    tritonclip.clip_grad_norm_(params_with(local), 1e-3, process_group=group,
+                               nonfinite="skip", backend=backend_name)
+    for g, b in zip(local, before):
+        assert torch.equal(g.nan_to_num(), b.nan_to_num())
+    # 5. a rank with no gradients at all still takes part
+    local = _shard(everything, rank, world) if rank != world - 1 else []
+    expected = [g for i, g in enumerate(everything) if i % world != world - 1]
+    total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
+                                       backend=backend_name)
+    assert_norm_close(total, reference.total_norm(expected, 2.0))
+    # 6. dense parameters replicated on every rank (group None) beside experts sharded
+    #    over the group: the pairs count each once
+    for p in NORM_TYPES:
+        dense = params_with([g.clone() for g in everything[:3]])
+        experts = params_with(_shard(everything[3:], rank, world))
+        total = tritonclip.clip_grad_norm_(dense + experts, 1.0, p, backend=backend_name,
+                                           process_group=[(dense, None), (experts, group)])
+        assert_norm_close(total, reference.total_norm(everything, p))
+    # 7. no rank has any gradient: 0 for every order, as in a single process
+    for p in NORM_TYPES:
+        total = tritonclip.get_total_norm([], p, process_group=group, backend=backend_name)
+        assert float(total) == 0.0, (p, float(total))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend_name", [pytest.param("triton", marks=pytest.mark.interpreter),
                                           "torch"])
 def test_sharded_norm_over_a_process_group(world, backend_name):
-    _run(world, backend_name)
+    spawn.run(_worker, world, backend_name)
 
 
 def test_process_group_argument_checked_before_any_change():

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from . import _torch_backend, _triton_backend, distributed, kernels
-from ._groups import Group, Layout, span_of_each
+from . import _sharding, _torch_backend, _triton_backend, distributed, kernels
+from ._groups import Group, Layout, group_tensors, span_of_each
 
 _BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
 
@@ -76,23 +76,84 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
     return (total, per_tensor_norms) if per_tensor else total
 
 
-def total_norm_over_pairs(pairs, norm_type: float, foreach: bool | None,
-                          device: torch.device) -> torch.Tensor:
-    """The norm over several gradient sets, each reduced over its own process group (or
-    local, for group None): ``pairs`` holds ``(tensors, groups, process_group)``."""
-    parts = [_reduced_power(tensors, groups, norm_type, foreach, device, process_group, None,
-                            dtype=torch.float64)
-             for tensors, groups, process_group in pairs]
-    power = _torch_backend.reduce_power(torch.stack([move(p, device) for p, _, _ in parts]),
-                                        norm_type)
-    nan = torch.stack([move(n, device) for _, n, _ in parts]).any()
-    inf = torch.stack([move(i, device) for _, _, i in parts]).any()
+def any_norm(grads: list[torch.Tensor], groups: list[Group], norm_type: float,
+             foreach: bool | None, backend: str) -> torch.Tensor:
+    """The norm of ``grads`` on this process: :func:`total_norm` of the ``groups`` made from
+    their local tensors, or, when some are DTensors, the norm over their meshes."""
+    if _sharding.has_dtensor(grads):
+        return total_norm_of_sets(_sharding.norm_sets(grads), norm_type, foreach, backend,
+                                  _sharding.local_tensors(grads[:1])[0].device)
+    return total_norm(grads, groups, norm_type, foreach)
+
+
+def total_norm_of_sets(sets, norm_type: float, foreach: bool | None, backend: str,
+                       device: torch.device, name: str = "gradients") -> torch.Tensor:
+    """The norm over several :class:`~tritonclip._sharding.NormSet`: each set's local value,
+    all-reduced over the set's groups, then combined (see :func:`_reduce_sets`)."""
+    items = []
+    for norm_set in sets:
+        groups = group_tensors(norm_set.tensors, backend, name=name)
+        power, nan, inf = _local_power(norm_set.tensors, groups, norm_type, foreach, device,
+                                       None, torch.float64)
+        items.append((tuple(norm_set.reductions), power, nan, inf))
+    power, nan, inf = _reduce_sets(items, norm_type, device)
     return _finish(power, nan, inf, norm_type)
 
 
-def _reduced_power(tensors, groups, norm_type, foreach, device, process_group, per_tensor_norms,
-                   dtype=None):
+def _reduce_sets(items, norm_type, device):
+    """Combine ``(groups, power, nan, inf)`` items, all-reducing each over its groups in order.
+
+    Items with the same remaining groups are combined before reducing, and the item with the
+    most groups left is reduced first, so that e.g. FSDP x TP weights (tp, then dp) and
+    FSDP-only parameters (dp) take two all-reduces, not three. Every rank holds sets of the
+    same structure, so every rank issues the same collectives in the same order.
+    """
+    while True:
+        merged: dict[tuple, list] = {}
+        for groups, power, nan, inf in items:
+            key = tuple(_group_key(g) for g in groups)
+            if key in merged:
+                entry = merged[key]
+                entry[1] = _torch_backend.reduce_power(torch.stack([entry[1], power]), norm_type)
+                entry[2] = entry[2] | nan
+                entry[3] = entry[3] | inf
+            else:
+                merged[key] = [groups, power, nan, inf]
+        items = list(merged.values())
+        pending = [entry for entry in items if entry[0]]
+        if not pending:
+            break
+        entry = max(pending, key=lambda e: len(e[0]))  # the first of the longest
+        group, entry[0] = entry[0][0], entry[0][1:]
+        entry[1], entry[2], entry[3] = distributed.all_reduce_power(entry[1], entry[2],
+                                                                    entry[3], norm_type, group)
+    if not items:
+        identity = torch.full((), _identity(norm_type), dtype=torch.float64, device=device)
+        false = torch.zeros((), dtype=torch.bool, device=device)
+        return identity, false, false
+    (_, power, nan, inf), = items
+    return power, nan, inf
+
+
+def _group_key(group):
+    """Groups of the same ranks reduce alike, whichever object names them."""
+    return tuple(distributed.ranks_of(group))
+
+
+def _reduced_power(tensors, groups, norm_type, foreach, device, process_group, per_tensor_norms):
     """(power form, any NaN, any inf) of ``tensors``, all-reduced over ``process_group``."""
+    # float64 across ranks: exact counts, and no rounding added by the reduction.
+    dtype = torch.float64 if process_group is not None else None
+    power, nan, inf = _local_power(tensors, groups, norm_type, foreach, device,
+                                   per_tensor_norms, dtype)
+    if process_group is not None:
+        power, nan, inf = distributed.all_reduce_power(power, nan, inf, norm_type, process_group)
+    return power, nan, inf
+
+
+def _local_power(tensors, groups, norm_type, foreach, device, per_tensor_norms, dtype):
+    """(power form, any NaN, any inf) of this rank's ``tensors``, in ``dtype`` (None: float32,
+    or float64 when a group accumulates in float64)."""
     values = []
     for group in groups:
         if not (group.spans or group.others):
@@ -107,15 +168,11 @@ def _reduced_power(tensors, groups, norm_type, foreach, device, process_group, p
                 continue
         values.append(backend.group_power(group, norm_type, acc, foreach)[0])
     if dtype is None:
-        # float64 across ranks: exact counts, and no rounding added by the reduction.
-        dtype = (torch.float64 if process_group is not None
-                 or any(v.dtype == torch.float64 for v in values) else torch.float32)
+        dtype = (torch.float64 if any(v.dtype == torch.float64 for v in values)
+                 else torch.float32)
     power = _combine(values, norm_type, device, dtype)
     probe = power if shows_nonfinite(norm_type) else _max_abs(groups, foreach, device, dtype)
-    nan, inf = torch.isnan(probe), torch.isinf(probe)
-    if process_group is not None:
-        power, nan, inf = distributed.all_reduce_power(power, nan, inf, norm_type, process_group)
-    return power, nan, inf
+    return power, torch.isnan(probe), torch.isinf(probe)
 
 
 def _finish(power, nan, inf, norm_type: float) -> torch.Tensor:

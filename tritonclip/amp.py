@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _dispatch, _validate
+from . import _dispatch, _sharding, _validate
 from ._groups import group_tensors
 
 __all__ = ["unscale_and_clip_", "unscale_and_clip_grads_"]
@@ -69,13 +69,16 @@ def unscale_and_clip_grads_(
     foreach = _validate.foreach_value(foreach)
     if not isinstance(inv_scale, torch.Tensor) or inv_scale.numel() != 1:
         raise TypeError(f"inv_scale must be a one-element tensor, got {inv_scale!r}")
-    groups = group_tensors(list(grads), _validate.backend_name(backend), purpose="scale")
-    device = grads[0].device if grads else inv_scale.device
+    backend = _validate.backend_name(backend)
+    grads = list(grads)
+    local = _sharding.local_tensors(grads)
+    groups = group_tensors(local, backend, purpose="scale")
+    device = local[0].device if grads else inv_scale.device
     inv_scale = _dispatch.move(inv_scale.reshape(()), device, torch.float32)
     if not grads:
         return torch.zeros((), device=device), torch.zeros((), device=device)
 
-    scaled_norm = _dispatch.total_norm(grads, groups, norm_type, foreach)
+    scaled_norm = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
     found_inf = nonfinite_flag(scaled_norm)
     total = scaled_norm * inv_scale
     _dispatch.check_nonfinite(total, mode, norm_type)

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from . import _dispatch, _validate, distributed
+from . import _dispatch, _sharding, _validate, distributed
 from ._groups import group_tensors
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
@@ -25,12 +25,22 @@ def _same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
                          f"the {name} passed: {len(seen)} in the pairs, {len(whole)} passed")
 
 
-def _pairwise_norm(pairs, norm_type, foreach, backend, device, grads_of_pair):
-    data = []
-    for tensors, group in pairs:
-        tensors = grads_of_pair(tensors)
-        data.append((tensors, group_tensors(tensors, backend), group))
-    return _dispatch.total_norm_over_pairs(data, norm_type, foreach, device)
+def _counted(tensors: list[torch.Tensor], norm_filter) -> list[torch.Tensor]:
+    """The tensors that ``norm_filter`` keeps in the norm (all, without one)."""
+    if norm_filter is None:
+        return tensors
+    if not callable(norm_filter):
+        raise TypeError(f"norm_filter must be a callable taking a tensor, got {norm_filter!r}")
+    return [t for t in tensors if norm_filter(t)]
+
+
+def _sharded_norm(whole, pairs, process_group, norm_type, foreach, backend, device, norm_filter,
+                  grads_of_members, name):
+    """The norm through norm sets (DTensor meshes, (parameters, group) pairs)."""
+    sets = []
+    for members, group in pairs if pairs is not None else [(whole, process_group)]:
+        sets += _sharding.norm_sets(grads_of_members(_counted(members, norm_filter)), group)
+    return _dispatch.total_norm_of_sets(sets, norm_type, foreach, backend, device, name)
 
 
 @torch.no_grad()
@@ -44,6 +54,7 @@ def get_total_norm(
     nonfinite: str = "propagate",
     per_tensor: bool = False,
     process_group=None,
+    norm_filter=None,
 ):
     r"""Compute the norm of an iterable of tensors, viewed as a single vector.
 
@@ -66,7 +77,10 @@ def get_total_norm(
             every rank of this group (each rank passes its own shards): one all-reduce, no
             host synchronisation; every rank gets the same value. A NaN on any rank gives NaN
             on all. Per-tensor norms stay local. A list of ``(tensors, group)`` pairs, as in
+            :func:`clip_grad_norm_`. DTensors are reduced over their own mesh; see
             :func:`clip_grad_norm_`. Default: None (this process only)
+        norm_filter (callable, optional): ``norm_filter(t)`` False leaves tensor ``t`` out
+            of the norm; see :func:`clip_grad_norm_`. Default: None (all are counted)
 
     Returns:
         The total norm, a float32 0-dim tensor on the first tensor's device (a CPU tensor
@@ -80,15 +94,23 @@ def get_total_norm(
     norm_type = _validate.norm_type_value(norm_type)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
+    backend = _validate.backend_name(backend)
     pairs = distributed.pairs_of(process_group, "tensors")
-    groups = group_tensors(tensors, _validate.backend_name(backend), name="tensors")
+    groups = group_tensors(_sharding.local_tensors(tensors), backend, name="tensors")
     if pairs is not None:
-        if per_tensor:
-            raise ValueError("per_tensor=True takes a single process_group, not pairs")
         _same_members(tensors, pairs, "tensors")
-        device = tensors[0].device if tensors else torch.device("cpu")
-        result = _pairwise_norm(pairs, norm_type, foreach, _validate.backend_name(backend),
-                                device, lambda ts: ts)
+    sharded = pairs is not None or _sharding.has_dtensor(tensors)
+    if per_tensor and (sharded or norm_filter is not None):
+        raise ValueError("per_tensor=True takes plain tensors, a single process_group and no "
+                         "norm_filter (per-tensor norms of shards would be the shards' norms)")
+    if sharded:
+        device = groups[0].device if groups else torch.device("cpu")
+        result = _sharded_norm(tensors, pairs, process_group, norm_type, foreach, backend,
+                               device, norm_filter, lambda ts: ts, "tensors")
+    elif norm_filter is not None:
+        counted = _counted(tensors, norm_filter)
+        result = _dispatch.total_norm(counted, group_tensors(counted, backend, name="tensors"),
+                                      norm_type, foreach, process_group=process_group)
     else:
         result = _dispatch.total_norm(tensors, groups, norm_type, foreach,
                                       per_tensor=per_tensor, process_group=process_group)
@@ -128,7 +150,7 @@ def clip_grads_with_norm_(
     max_norm = _validate.nonnegative(max_norm, "max_norm")
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     foreach = _validate.foreach_value(foreach)
-    grads = _validate.grads_of(parameters)
+    grads = _sharding.local_tensors(_validate.grads_of(parameters))
     groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
     if not grads:
         return
@@ -151,6 +173,7 @@ def clip_grad_norm_(
     eps: float = 1e-6,
     nonfinite: str = "propagate",
     process_group=None,
+    norm_filter=None,
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters.
 
@@ -194,7 +217,17 @@ def clip_grad_norm_(
             A list of ``(parameters, group)`` pairs (group ``None``: no reduction) combines
             sets that live on different groups, e.g. dense parameters over data parallel
             ranks and experts over expert-parallel ranks; the pairs must hold exactly
-            ``parameters``, each once. Default: None
+            ``parameters``, each once. Gradients that are DTensors (FSDP2, tensor parallel)
+            need no group: each is reduced over the mesh dimensions where it is ``Shard``
+            (not ``Replicate``: counted once; ``Partial``: summed first), DTensors on
+            different meshes or placements and plain tensors mix freely, and the norm is a
+            plain tensor equal on every rank. A group given with DTensors must be one over
+            which they are *not* already sharded (pipeline stages). Every rank must pass
+            parameters of the same structure (the collectives follow it). Default: None
+        norm_filter (callable, optional): ``norm_filter(param)`` False leaves ``param`` out
+            of the norm, but its gradient is still scaled: e.g. a parameter replicated on
+            every tensor-parallel rank is counted on one
+            (:func:`tritonclip.distributed.megatron_norm_filter`). Default: None
 
     Returns:
         Total norm of the gradients (viewed as a single vector): a float32 0-dim tensor on
@@ -216,21 +249,28 @@ def clip_grad_norm_(
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _validate.foreach_value(foreach)
+    backend = _validate.backend_name(backend)
     pairs = distributed.pairs_of(process_group, "parameters")
     grads = _validate.grads_of(parameters)
-    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
+    groups = group_tensors(_sharding.local_tensors(grads), backend, purpose="scale")
+    skip = mode == "skip"
     if pairs is not None:
         _same_members(parameters, pairs, "parameters")
-        device = grads[0].device if grads else torch.device("cpu")
-        total = _pairwise_norm(pairs, norm_type, foreach, _validate.backend_name(backend),
-                               device, _validate.grads_of)
-        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+    if pairs is not None or _sharding.has_dtensor(grads):
+        device = groups[0].device if groups else torch.device("cpu")
+        total = _sharded_norm(parameters, pairs, process_group, norm_type, foreach, backend,
+                              device, norm_filter, _validate.grads_of, "gradients")
+        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=skip)
+    elif norm_filter is not None:
+        counted = _validate.grads_of(_counted(parameters, norm_filter))
+        total, coef = _dispatch.norm_and_coefficient(
+            counted, group_tensors(counted, backend), norm_type, foreach, max_norm, eps,
+            skip_nonfinite=skip, process_group=process_group)
     elif not grads and process_group is None:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
     else:
         total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
-                                                     max_norm, eps,
-                                                     skip_nonfinite=mode == "skip",
+                                                     max_norm, eps, skip_nonfinite=skip,
                                                      process_group=process_group)
     _dispatch.check_nonfinite(total, mode, norm_type)
     _dispatch.scale_(groups, coef, foreach)
@@ -266,5 +306,7 @@ def clip_grad_value_(
     low, high = _validate.value_bounds(clip_value, lo, hi)
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
-    groups = group_tensors(grads, _validate.backend_name(backend), purpose="clamp")
+    _sharding.check_no_partial(grads, "gradients")
+    groups = group_tensors(_sharding.local_tensors(grads), _validate.backend_name(backend),
+                           purpose="clamp")
     _dispatch.clamp_(groups, low, high, foreach)

@@ -23,7 +23,14 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_power", "check_process_group", "pairs_of", "reduction_device"]
+__all__ = [
+    "all_reduce_power",
+    "check_process_group",
+    "megatron_norm_filter",
+    "pairs_of",
+    "ranks_of",
+    "reduction_device",
+]
 
 
 def pairs_of(process_group, name: str):
@@ -97,3 +104,34 @@ def reduction_device(process_group, fallback: torch.device) -> torch.device:
     if backend == "gloo":
         return torch.device("cpu")
     return fallback
+
+
+def ranks_of(group) -> list[int]:
+    """The global ranks of ``group``'s members."""
+    return dist.get_process_group_ranks(group)
+
+
+def megatron_norm_filter(tensor_parallel_group=None):
+    """A ``norm_filter`` for :func:`tritonclip.clip_grad_norm_` with Megatron-LM's rules.
+
+    A parameter is counted in the norm when it is not ``shared`` (Megatron marks the second
+    copy of a tied embedding ``shared=True``) and it is either split across the tensor-parallel
+    ranks (``tensor_model_parallel=True``) or this is tensor-parallel rank 0: a parameter
+    replicated on every tensor-parallel rank (a layer norm's weight) is counted once, and
+    still scaled on every rank. Pair it with ``process_group`` spanning the tensor-parallel
+    ranks (and the pipeline ranks, if any), e.g. ``torch.distributed.group.WORLD`` for
+    TP x PP without data parallelism.
+
+    Args:
+        tensor_parallel_group (ProcessGroup, optional): the tensor-parallel group (``None``:
+            no tensor parallelism; every non-shared parameter is counted).
+    """
+    check_process_group(tensor_parallel_group)
+    first = tensor_parallel_group is None or dist.get_rank(tensor_parallel_group) == 0
+
+    def counted(param: torch.Tensor) -> bool:
+        if getattr(param, "shared", False):
+            return False
+        return bool(getattr(param, "tensor_model_parallel", False)) or first
+
+    return counted

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate, amp
+from . import _dispatch, _sharding, _validate, amp
 from ._groups import group_tensors
 from .clip_grad import clip_grad_norm_
 
@@ -93,14 +93,16 @@ def clip_into_(
     eps = _validate.nonnegative(eps, "eps", allow_inf=False)
     foreach = _validate.foreach_value(foreach)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    backend = _validate.backend_name(backend)
     grads = _validate.grads_of(params)
-    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
+    local = _sharding.local_tensors(grads)
+    groups = group_tensors(local, backend, purpose="scale")
     if not grads:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
-    device = grads[0].device
+    device = local[0].device
     if scaling:
         state, scale = amp.begin_unscale(scaler, optimizer)
-        scaled = _dispatch.total_norm(grads, groups, norm_type, foreach)
+        scaled = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
         total = scaled * _dispatch.move(amp.inverse_scale(scale), device)
         _dispatch.check_nonfinite(total, mode, norm_type)
         coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
@@ -108,10 +110,14 @@ def clip_into_(
         optimizer.grad_scale = _dispatch.move(scale, device).float() / coef
         amp.end_unscale(state, amp.nonfinite_flag(scaled), grads)
     else:
-        # One group: the finalize kernel gives norm and coefficient (as clip_grad_norm_).
-        total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
-                                                     max_norm, eps,
-                                                     skip_nonfinite=mode == "skip")
+        if _sharding.has_dtensor(grads):
+            total = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
+            coef = _dispatch.clip_coefficient(total, max_norm, eps,
+                                              skip_nonfinite=mode == "skip")
+        else:  # one group: the norm kernel gives norm and coefficient (as clip_grad_norm_)
+            total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
+                                                         max_norm, eps,
+                                                         skip_nonfinite=mode == "skip")
         _dispatch.check_nonfinite(total, mode, norm_type)
         optimizer.grad_scale = coef.reciprocal()
         _remove_after_step(optimizer)
