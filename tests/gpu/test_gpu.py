@@ -168,3 +168,36 @@ def test_last_program_sees_every_partial(norm_type):
     values = torch.stack([kernels.group_power(plan, norm_type) for _ in range(200)])
     assert torch.equal(values, expected.expand(200, 1))
     assert plan.counter.item() == 0
+
+
+def test_nccl_single_rank_smoke():
+    # One NCCL rank: the all-reduce runs on the GPU, stream-ordered, and the result equals
+    # the local clip; no host synchronisation once the plan is cached.
+    import datetime
+
+    import torch.distributed as dist
+
+    from spawn import free_port
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        grads = random_grads([4097, 1 << 20, 63], torch.bfloat16, device="cuda", seed=3)
+        local = [g.clone() for g in grads]
+        expected = tritonclip.clip_grad_norm_(params_with(local), 1e-2)
+        params = params_with(grads)
+        tritonclip.clip_grad_norm_(params_with([g.clone() for g in grads]), 1e-2,
+                                   process_group=dist.group.WORLD)  # warm: plan, NCCL comm
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            total = tritonclip.clip_grad_norm_(params, 1e-2, process_group=dist.group.WORLD)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(total, expected)
+        for g, e in zip(grads, local):
+            assert torch.equal(g, e)
+    finally:
+        dist.destroy_process_group()
