@@ -185,8 +185,8 @@ def test_nccl_single_rank_smoke():
                             world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         grads = random_grads([4097, 1 << 20, 63], torch.bfloat16, device="cuda", seed=3)
-        local = [g.clone() for g in grads]
-        expected = tritonclip.clip_grad_norm_(params_with(local), 1e-2)
+        before = [g.clone() for g in grads]
+        expected = tritonclip.clip_grad_norm_(params_with([g.clone() for g in grads]), 1e-2)
         params = params_with(grads)
         tritonclip.clip_grad_norm_(params_with([g.clone() for g in grads]), 1e-2,
                                    process_group=dist.group.WORLD)  # warm: plan, NCCL comm
@@ -196,8 +196,9 @@ def test_nccl_single_rank_smoke():
             total = tritonclip.clip_grad_norm_(params, 1e-2, process_group=dist.group.WORLD)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert torch.equal(total, expected)
-        for g, e in zip(grads, local):
-            assert torch.equal(g, e)
+        # float64 across ranks vs the fused float32 path: equal to a float32 rounding
+        torch.testing.assert_close(total, expected, rtol=2e-7, atol=0)
+        for g, b in zip(grads, before):
+            assert_scaled_once(g, b, applied_coefficient(total, 1e-2))
     finally:
         dist.destroy_process_group()
