@@ -1,6 +1,6 @@
 """Norms under each kind of parallelism, on CPU with gloo: DTensor (1-D and 2-D meshes, mixed
 meshes, Partial), FSDP2, FSDP1 (both modes), DDP bucket views, tensor-parallel duplicates,
-pipeline stages, FSDP2 x pipeline. Each is compared with a single-process float64 reference
+pipeline stages, FSDP2 x TP (a parallelized model), FSDP2 x pipeline. Each is compared with a single-process float64 reference
 of the whole model (or with the parallel library's own clip, where it has one)."""
 
 import math
@@ -274,6 +274,43 @@ def _two_dimensional_mesh(rank, world, backend):
         assert counter.calls == 4
 
 
+def _fsdp2_times_tensor_parallel(rank, world, backend):
+    """A real 2-D model: parallelize_module (colwise, rowwise) on tp, fully_shard on dp. Its
+    gradients mix _StridedShard, Shard and Replicate placements on the 2-D mesh with a layer
+    norm's on the 1-D dp mesh (torch's own clip cannot stack norms across those meshes)."""
+    import tritonclip
+    from helpers import applied_coefficient, assert_norm_close, assert_scaled_once
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    from tritonclip import reference
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                                torch.nn.LayerNorm(8))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    torch.manual_seed(10 + mesh.get_local_rank("dp"))
+    model(torch.randn(4, 8)).square().sum().backward()
+    params = list(model.parameters())
+    assert len({p.grad.device_mesh for p in params}) == 2
+    full = [p.grad.full_tensor() for p in params]
+    for p in NORM_TYPES:
+        assert_norm_close(tritonclip.get_total_norm([q.grad for q in params], p,
+                                                    backend=backend),
+                          reference.total_norm(full, p))
+    before = [p.grad.to_local().clone() for p in params]
+    total = tritonclip.clip_grad_norm_(params, 0.5, backend=backend)
+    assert_norm_close(total, reference.total_norm(full, 2.0))
+    for q, b in zip(params, before):
+        assert_scaled_once(q.grad.to_local(), b, applied_coefficient(total, 0.5))
+
+
 def _fsdp2_times_pipeline(rank, world, backend):
     """Each pipeline stage's parameters sharded over its data-parallel ranks (DTensors on the
     stage's sub-mesh), and the stages combined over the pipeline group."""
@@ -302,7 +339,8 @@ def _two_ranks(rank, world, backend):
 
 
 def _four_ranks(rank, world, backend):
-    for body in (_two_dimensional_mesh, _fsdp2_times_pipeline, _one_dimensional_mesh):
+    for body in (_two_dimensional_mesh, _fsdp2_times_tensor_parallel, _fsdp2_times_pipeline,
+                 _one_dimensional_mesh):
         body(rank, world, backend)
 
 

@@ -64,6 +64,13 @@ def check_no_partial(tensors: list[torch.Tensor], name: str) -> None:
             )
 
 
+def _splits(placement) -> bool:
+    """Whether ranks along a mesh dimension with this placement hold different elements:
+    every placement but Replicate and Partial (Shard, and FSDP2 x TP's _StridedShard, whose
+    ``is_shard()`` is False on some torch versions)."""
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[NormSet]:
     """The norm sets of ``tensors``: plain tensors reduced over ``outer_group`` (if any),
     DTensors over the groups of their mesh's ``Shard`` dimensions and then ``outer_group``.
@@ -86,7 +93,8 @@ def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[NormSet]:
                                                for p in t.placements])
         # The last sharded dimension is reduced first: sets that share the leading ones (a
         # 2-D mesh's FSDP x TP weights and FSDP-only norms) then merge before reducing them.
-        dims = tuple(i for i in reversed(range(len(t.placements))) if t.placements[i].is_shard())
+        dims = tuple(i for i in reversed(range(len(t.placements)))
+                     if _splits(t.placements[i]))
         sharded.setdefault((t.device_mesh, dims), []).append(t.to_local())
     sets = [NormSet(plain, outer)] if plain or outer else []
     for (mesh, dims), members in sharded.items():
