@@ -202,3 +202,30 @@ def test_nccl_single_rank_smoke():
             assert_scaled_once(g, b, applied_coefficient(total, 1e-2))
     finally:
         dist.destroy_process_group()
+
+
+def test_clip_captures_into_a_cuda_graph():
+    # Many small tensors are host-bound; a clip has no host sync and reuses its plan, so it
+    # can be captured once and replayed (the fused norm's counter is reset by the kernel).
+    grads = random_grads([4096] * 2000, torch.float32, device="cuda", seed=7, scale=3.0)
+    params = params_with(grads)
+    before = [g.clone() for g in grads]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tritonclip.clip_grad_norm_(params_with([g.clone() for g in grads]), 1.0)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = tritonclip.clip_grad_norm_(params, 1.0)
+    for g, b in zip(grads, before):  # capture ran nothing
+        g.copy_(b)
+    for _ in range(3):
+        for g, b in zip(grads, before):
+            g.copy_(b)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_norm_close(total.cpu(), reference.total_norm(before, 2.0))
+        coef = applied_coefficient(total, 1.0)
+        for g, b in zip(grads, before):
+            assert_scaled_once(g, b, coef)
