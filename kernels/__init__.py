@@ -4,7 +4,9 @@ groups, backends and coefficients; these functions launch over a :class:`LaunchP
 from .clamp import clamp_
 from .norm import accumulation_dtype, finalize, finalize_clip, fuses_coefficient, norm_partials
 from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, PlanCache, is_vector_aligned, plan_cache
+from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
 from .scale import scale_
+from .scale_each import scale_each_
 
 __all__ = [
     "CHUNK",
@@ -12,7 +14,10 @@ __all__ = [
     "Launch",
     "LaunchPlan",
     "PlanCache",
+    "RowPlan",
+    "RowPlanCache",
     "accumulation_dtype",
+    "build_row_plan",
     "clamp_",
     "finalize",
     "finalize_clip",
@@ -20,5 +25,7 @@ __all__ = [
     "is_vector_aligned",
     "norm_partials",
     "plan_cache",
+    "row_plan_cache",
     "scale_",
+    "scale_each_",
 ]
