@@ -170,10 +170,11 @@ def _grads_with_norm(norm, seed, sizes=(300, 4097)):
 
 
 def _run(clipper, schedule, seed=0):
-    """Feed ``clipper`` one step per norm; return (returned norms, gradients after)."""
+    """Feed ``clipper`` one step per norm; return (returned norms, gradients after). One
+    gradient tensor, so that the norm's summation order cannot depend on addresses."""
     out = []
     for step, target in enumerate(schedule):
-        grads = _grads_with_norm(target, seed + step)
+        grads = _grads_with_norm(target, seed + step, sizes=(4097,))
         norm = clipper.step(params_with(grads))
         out.append((norm, [g.clone() for g in grads]))
     return out

@@ -251,12 +251,14 @@ class ClipHandle:
             total = self._combine(norm_sets)
 
         # 2-4. per tensor, unit-wise, value
-        for key, fn in (("per_tensor_norm", self._per_tensor), ("clip_value", self._value)):
-            for value, ps in _by_group_value(groups, with_grad, key, cfg[key]):
-                fn(ps, value)
+        for value, ps in _by_group_value(groups, with_grad, "per_tensor_norm",
+                                         cfg["per_tensor_norm"]):
+            self._per_tensor(ps, value)
         if cfg["agc"] is not None:
             clip_grad_agc_(everything, norm_type=cfg["norm_type"], foreach=cfg["foreach"],
                            backend=cfg["backend"], **cfg["agc"])
+        for value, ps in _by_group_value(groups, with_grad, "clip_value", cfg["clip_value"]):
+            self._value(ps, value)
 
         self.last_norm = total
         if self.monitor is not None:
@@ -276,7 +278,10 @@ class ClipHandle:
         from .optim import clip_into_, folds_into
 
         cfg = self.config
-        plain = (cfg["fold"] and folds_into(optimizer) and not own
+        # Under a GradScaler's step (grad_scale/found_inf already set) the scaler deletes
+        # both attributes after the step itself: no folding there.
+        driven = hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf")
+        plain = (cfg["fold"] and folds_into(optimizer) and not own and not driven
                  and len(default) == len(everything)
                  and all(cfg[k] is None for k in ("clip_value", "per_tensor_norm", "agc"))
                  and not any(k in g for g in optimizer.param_groups
