@@ -112,8 +112,9 @@ class GradNormMonitor:
             raise RuntimeError("annotate() before any record()")
         total = self._norms[-1]
         if threshold is not None:
-            if not isinstance(threshold, torch.Tensor):
-                threshold = torch.tensor(_validate.nonnegative(threshold, "threshold"))
+            if not isinstance(threshold, torch.Tensor):  # a fill, not a host-to-device copy
+                threshold = torch.full((), _validate.nonnegative(threshold, "threshold"),
+                                       dtype=torch.float32, device=total.device)
             self._thresholds[-1] = threshold.to(total.device, torch.float32,
                                                 non_blocking=True)
         if coef is None and self._thresholds[-1] is not None:
