@@ -40,12 +40,13 @@ def test_every_specialization_compiled(report):
     from codegen import specializations
     names = {name for name, *_ in specializations()}
     # finalize: 11 (norm, partials dtype) pairs, 9 of them (not sumpow) also with the epilogue
-    # streaming: per dtype and alignment 6 norms, 2 scales (skip at >= 1 or not), 1 clamp
-    assert len(names) == 4 * 2 * (6 + 2 + 1) + 2 + 11 + 9 * 2
+    # streaming: per dtype and alignment 6 norms, 2 scales (skip at >= 1 or not), 2 per-span
+    # scales (scale_each), 1 clamp
+    assert len(names) == 4 * 2 * (6 + 2 + 2 + 1) + 2 + 11 + 9 * 2
     assert set(report) == {f"sm{arch}/{name}" for arch in ARCHS for name in names}
 
 
-@pytest.mark.parametrize("kind", ["norm_partials", "scale", "clamp"])
+@pytest.mark.parametrize("kind", ["norm_partials", "scale", "scale_each", "clamp"])
 def test_aligned_streaming_loops_use_128_bit_accesses(report, kind):
     for name, info in _variants(report, kind).items():
         if "-aligned" in name:
@@ -69,7 +70,7 @@ def test_no_kernel_uses_local_memory(report):
 
 def test_bf16_stores_round_to_nearest_even(report):
     for name, info in report.items():
-        if "bf16" in name and ("/scale-" in name or "/clamp-" in name):
+        if "bf16" in name and ("/scale" in name or "/clamp-" in name):
             assert info["bf16_cvt_modes"] == ["rn"], (name, info["bf16_cvt_modes"])
 
 
