@@ -4,7 +4,8 @@ A drop-in for ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_``, ``get_to
 ``clip_grads_with_norm_``: same arguments and meaning, a float32 norm, fewer passes over memory.
 Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
 a fused optimizer step; ``attach`` clipping to an optimizer), ``adaptive`` (AGC, AutoClip,
-ZClip), ``monitor`` (gradient-norm history), ``distributed`` (norms over process groups), ``reference`` (float64
+ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history),
+``distributed`` (norms over process groups), ``reference`` and ``reference_adaptive`` (float64
 formulas), ``bench`` (the benchmark CLI).
 """
 
