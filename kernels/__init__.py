@@ -20,7 +20,9 @@ from .plan import (
     is_vector_aligned,
     plan_cache,
 )
+from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
 from .scale import scale_
+from .scale_each import scale_each_
 
 __all__ = [
     "CHUNK",
@@ -28,8 +30,11 @@ __all__ = [
     "Launch",
     "LaunchPlan",
     "PlanCache",
+    "RowPlan",
+    "RowPlanCache",
     "Streams",
     "accumulation_dtype",
+    "build_row_plan",
     "clamp_",
     "finalize",
     "fuses_coefficient",
@@ -38,5 +43,7 @@ __all__ = [
     "norm_clip",
     "norm_partials",
     "plan_cache",
+    "row_plan_cache",
     "scale_",
+    "scale_each_",
 ]

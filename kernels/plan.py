@@ -167,15 +167,44 @@ def _build(
                       table[-1:])
 
 
-class PlanCache:
-    """A small LRU cache of launch plans with hit/build counters (for tests and benchmarks)."""
+class LRUCache:
+    """A small thread-safe LRU cache of built objects, with hit/build counters (for tests and
+    benchmarks)."""
 
-    def __init__(self, maxsize: int = _CACHE_SIZE):
+    def __init__(self, maxsize: int):
         self.maxsize = maxsize
         self.builds = 0
         self.hits = 0
-        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._items: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def get_or_build(self, key, build):
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return item
+        item = build()
+        with self._lock:
+            self.builds += 1
+            self._items[key] = item
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return item
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.builds = 0
+            self.hits = 0
+
+
+class PlanCache(LRUCache):
+    """Launch plans, keyed by (device, dtype, per_span, spans)."""
+
+    def __init__(self, maxsize: int = _CACHE_SIZE):
+        super().__init__(maxsize)
 
     def get(
         self,
@@ -184,26 +213,8 @@ class PlanCache:
         dtype: torch.dtype,
         per_span: bool = False,
     ) -> LaunchPlan:
-        key = (device, dtype, per_span, tuple(spans))
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                self.hits += 1
-                return plan
-        plan = _build(spans, device, dtype, per_span)
-        with self._lock:
-            self.builds += 1
-            self._plans[key] = plan
-            while len(self._plans) > self.maxsize:
-                self._plans.popitem(last=False)
-        return plan
-
-    def clear(self) -> None:
-        with self._lock:
-            self._plans.clear()
-            self.builds = 0
-            self.hits = 0
+        return self.get_or_build((device, dtype, per_span, tuple(spans)),
+                                 lambda: _build(spans, device, dtype, per_span))
 
 
 plan_cache = PlanCache()

@@ -63,7 +63,7 @@ def test_value_clip_of_aliases_and_bucket_views(backend):
     assert torch.equal(bucket, before.clamp(-0.2, 0.2))
     # Clamping is idempotent, so the values cannot show a region clamped twice; the plan can.
     if backend == "triton":
-        (plan,) = kernels.plan_cache._plans.values()
+        (plan,) = kernels.plan_cache._items.values()
         assert sum(launch.n_spans for launch in plan.launches) == 1
 
 

@@ -41,12 +41,13 @@ def test_every_specialization_compiled(report):
     names = {name for name, *_ in specializations()}
     # norm, per dtype and alignment: 6 orders x (partials, fused), 5 (not sumpow) with the
     # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); 2 scales (skip at >= 1 or
-    # not), 1 clamp (+1 with an i32 bound for fp32); finalize: 11 (norm, partials dtype) pairs
-    assert len(names) == 4 * 2 * (6 * 2 + 5 + 2 + 1) + 5 + 2 + 11
+    # not), 2 per-span scales (scale_each), 1 clamp (+1 with an i32 bound for fp32);
+    # finalize: 11 (norm, partials dtype) pairs
+    assert len(names) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 2 + 11
     assert set(report) == {f"sm{arch}/{name}" for arch in ARCHS for name in names}
 
 
-@pytest.mark.parametrize("kind", ["norm", "scale", "clamp"])
+@pytest.mark.parametrize("kind", ["norm", "scale", "scale_each", "clamp"])
 def test_aligned_streaming_loops_use_128_bit_accesses(report, kind):
     for name, info in _variants(report, kind).items():
         if "-aligned" in name:
@@ -71,7 +72,7 @@ def test_no_kernel_uses_local_memory(report):
 
 def test_bf16_stores_round_to_nearest_even(report):
     for name, info in report.items():
-        if "bf16" in name and ("/scale-" in name or "/clamp-" in name):
+        if "bf16" in name and ("/scale" in name or "/clamp-" in name):
             assert info["bf16_cvt_modes"] == ["rn"], (name, info["bf16_cvt_modes"])
 
 

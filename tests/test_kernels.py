@@ -113,7 +113,7 @@ def test_plan_cache_is_bounded():
     cache = plan_module.PlanCache(maxsize=2)
     for n in (1, 2, 3):
         cache.get([(0, n)], torch.device("cpu"), torch.float32)
-    assert cache.builds == 3 and len(cache._plans) == 2
+    assert cache.builds == 3 and len(cache._items) == 2
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 0.5, math.inf], ids=["2", "0.5", "inf"])

@@ -3,22 +3,37 @@
 A drop-in for ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm`` and
 ``clip_grads_with_norm_``: same arguments and meaning, a float32 norm, fewer passes over memory.
 Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
-a fused optimizer step), ``distributed`` (norms over process groups), ``reference`` (float64
+a fused optimizer step; ``attach`` clipping to an optimizer), ``adaptive`` (AGC, AutoClip,
+ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history),
+``distributed`` (norms over process groups), ``reference`` and ``reference_adaptive`` (float64
 formulas), ``bench`` (the benchmark CLI).
 """
 
-from . import amp, distributed, optim, reference
+from . import adaptive, amp, distributed, monitor, optim, reference
+from .adaptive import AutoClip, ZClip, clip_grad_agc_
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .monitor import GradNormMonitor
+from .optim import ClipHandle, attach
+from .per_tensor import clip_grad_norm_per_tensor_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClip",
+    "ClipHandle",
+    "GradNormMonitor",
+    "ZClip",
+    "adaptive",
     "amp",
+    "attach",
+    "clip_grad_agc_",
     "clip_grad_norm_",
+    "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "distributed",
     "get_total_norm",
+    "monitor",
     "optim",
     "reference",
 ]

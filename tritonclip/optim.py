@@ -4,6 +4,9 @@ own step applies the coefficient, instead of a separate read + write of every gr
 torch's fused Adam, AdamW and SGD (``fused=True``) divide the gradients by a device tensor
 ``optimizer.grad_scale`` and skip the step where ``optimizer.found_inf`` is set; GradScaler
 uses these to unscale. :func:`clip_into_` sets them so that the division also clips.
+
+:func:`attach` (defined in ``_attach``) registers clipping on an optimizer once, as a step
+pre-hook, and folds a plain global-norm clip into fused optimizers through :func:`clip_into_`.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch, _sharding, _validate, amp
+from ._attach import ClipHandle, attach
 from ._groups import group_tensors
 from .clip_grad import clip_grad_norm_
 
-__all__ = ["clip_into_", "folds_into"]
+__all__ = ["ClipHandle", "attach", "clip_into_", "folds_into"]
 
 _HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
 

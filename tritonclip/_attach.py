@@ -1,0 +1,367 @@
+"""Clipping attached to an optimizer: ``optimizer.step()`` clips first (Keras ``clipnorm`` /
+``clipvalue`` / ``global_clipnorm``, configured once)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _dispatch, _torch_backend, _validate
+from .adaptive import clip_grad_agc_
+from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
+from .per_tensor import clip_grad_norm_per_tensor_
+
+__all__ = ["ClipHandle", "attach"]
+
+_ATTACHED = "_tritonclip_attached"
+_GROUP_KEYS = ("max_norm", "clip_value", "per_tensor_norm")
+_AGC_KEYS = ("clip_factor", "eps")
+
+
+def _optional(value, name: str) -> float | None:
+    return None if value is None else _validate.nonnegative(value, name)
+
+
+def _agc_arguments(agc) -> dict | None:
+    if agc is None:
+        return None
+    if isinstance(agc, dict):
+        unknown = set(agc) - set(_AGC_KEYS)
+        if unknown:
+            raise ValueError(f"agc takes the keys {_AGC_KEYS}, got {sorted(unknown)}")
+        return {k: _validate.nonnegative(v, f"agc[{k!r}]", allow_inf=False)
+                for k, v in agc.items()}
+    if isinstance(agc, bool) or not isinstance(agc, numbers.Real):
+        raise TypeError(f"agc must be None, a clip factor or a dict of clip_factor/eps, got {agc!r}")
+    return {"clip_factor": _validate.nonnegative(agc, "agc", allow_inf=False)}
+
+
+def _check_groups(optimizer: torch.optim.Optimizer) -> None:
+    for index, group in enumerate(optimizer.param_groups):
+        for key in _GROUP_KEYS:
+            if key in group:
+                _optional(group[key], f"param_groups[{index}][{key!r}]")
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_norm: float | None = None,
+    clip_value: float | None = None,
+    per_tensor_norm: float | None = None,
+    agc: float | dict | None = None,
+    adaptive=None,
+    norm_type: float | str = 2.0,
+    eps: float = 1e-6,
+    skip_nonfinite: bool = False,
+    skip_above: float | None = None,
+    monitor=None,
+    fold: bool = True,
+    foreach: bool | None = None,
+    backend: str | None = None,
+) -> "ClipHandle":
+    r"""Clip the gradients of ``optimizer``'s parameters at the start of every
+    ``optimizer.step()`` (a step pre-hook), so that training code calls nothing else.
+
+    What runs, in this order (each optional):
+
+    1. the global norm clip: ``max_norm`` (:func:`tritonclip.clip_grad_norm_`) or
+       ``adaptive`` (an :class:`~tritonclip.AutoClip` or :class:`~tritonclip.ZClip`);
+    2. ``per_tensor_norm`` (:func:`tritonclip.clip_grad_norm_per_tensor_`);
+    3. ``agc`` (:func:`tritonclip.clip_grad_agc_`; a clip factor, or a dict with
+       ``clip_factor`` and ``eps``);
+    4. ``clip_value`` (:func:`tritonclip.clip_grad_value_`).
+
+    A parameter group's own ``max_norm``, ``clip_value`` or ``per_tensor_norm`` entry
+    overrides the default for its parameters (``None`` turns it off for that group). A group
+    with its own ``max_norm`` is clipped by its own norm; the groups without one are clipped
+    together by the default (one global norm over all of them).
+
+    ``last_norm`` on the returned handle is the total norm of all gradients *before*
+    clipping, a device tensor (no synchronisation to read it lazily). When no global norm
+    clip covers every gradient, it costs one more read of the gradients.
+
+    Skipping a step: ``skip_nonfinite=True`` skips it when ``last_norm`` is NaN or inf,
+    ``skip_above=x`` when it is above ``x``. Optimizers that take ``found_inf`` (torch's
+    ``fused=True`` Adam, AdamW, SGD, Adagrad) get the decision as ``optimizer.found_inf``
+    and skip on the device: no synchronisation. Other optimizers cost **one host
+    synchronisation** per step (reading the decision); a skipped step then hides every
+    gradient (``p.grad = None``) for the duration of the step, which every torch optimizer
+    treats as "no update" (parameters, moments and step counts untouched), and puts them back
+    afterwards.
+
+    With ``fold=True`` (default), a fused optimizer whose only clipping is a plain
+    ``max_norm`` gets it folded into its step (:func:`tritonclip.optim.clip_into_`): the
+    gradients are read once for the norm and never written by the clip.
+
+    With a ``torch.amp.GradScaler``, call ``scaler.unscale_(optimizer)`` before
+    ``scaler.step(optimizer)`` (as for any clipping); for a fused optimizer the hook raises
+    ``RuntimeError`` if the gradients are still scaled when the step starts.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the optimizer to attach to (once).
+        max_norm (float, optional): global norm threshold.
+        clip_value (float, optional): value clipping bound.
+        per_tensor_norm (float, optional): per-tensor norm threshold.
+        agc (float or dict, optional): AGC clip factor, or ``{"clip_factor": ..., "eps": ...}``.
+        adaptive (AutoClip or ZClip, optional): an adaptive global clipper (not with
+            ``max_norm``).
+        norm_type (float or str): order of the norms. Default: 2.0
+        eps (float): as in :func:`tritonclip.clip_grad_norm_`. Default: 1e-6
+        skip_nonfinite (bool): skip steps whose norm is NaN/inf. Default: False
+        skip_above (float, optional): skip steps whose norm is above it.
+        monitor (GradNormMonitor, optional): records every step's norms before clipping,
+            and its threshold and coefficient.
+        fold (bool): fold a plain ``max_norm`` into fused optimizers. Default: True
+        foreach, backend: as in :func:`tritonclip.clip_grad_norm_`.
+
+    Returns:
+        A :class:`ClipHandle` (``last_norm``, ``last_skipped``, ``state_dict()``,
+        ``load_state_dict()``, ``remove()``).
+
+    Raises:
+        TypeError, ValueError: for bad arguments (including param group entries), before
+        anything is registered.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if getattr(optimizer, _ATTACHED, None) is not None:
+        raise RuntimeError("clipping is already attached to this optimizer; remove() the "
+                           "handle first")
+    if adaptive is not None and not callable(getattr(adaptive, "step", None)):
+        raise TypeError(f"adaptive must be an AutoClip or ZClip (an object with step()), got "
+                        f"{type(adaptive).__name__}")
+    if adaptive is not None and max_norm is not None:
+        raise ValueError(f"give max_norm ({max_norm!r}) or adaptive, not both")
+    for flag, name in ((skip_nonfinite, "skip_nonfinite"), (fold, "fold")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    config = dict(
+        max_norm=_optional(max_norm, "max_norm"),
+        clip_value=_optional(clip_value, "clip_value"),
+        per_tensor_norm=_optional(per_tensor_norm, "per_tensor_norm"),
+        agc=_agc_arguments(agc),
+        norm_type=_validate.norm_type_value(norm_type),
+        eps=_validate.nonnegative(eps, "eps", allow_inf=False),
+        skip_nonfinite=skip_nonfinite,
+        skip_above=_optional(skip_above, "skip_above"),
+        fold=fold,
+        foreach=_validate.foreach_value(foreach),
+        backend=_validate.backend_name(backend),
+    )
+    _check_groups(optimizer)
+    if not (any(config[k] is not None for k in ("max_norm", "clip_value", "per_tensor_norm",
+                                                 "agc", "skip_above"))
+            or adaptive is not None or skip_nonfinite
+            or any(k in g for g in optimizer.param_groups for k in _GROUP_KEYS)):
+        raise ValueError("attach needs something to do: max_norm, clip_value, "
+                         "per_tensor_norm, agc, adaptive, skip_nonfinite or skip_above")
+    return ClipHandle(optimizer, config, adaptive, monitor)
+
+
+class ClipHandle:
+    """What :func:`attach` returns: the clipping state of one optimizer.
+
+    Attributes:
+        last_norm (Tensor or None): total norm of the gradients before clipping at the last
+            step (float32, 0-dim, on the first gradient's device).
+        last_skipped (Tensor or None): whether the last step was skipped (bool, 0-dim, on
+            the device), when ``skip_nonfinite`` or ``skip_above`` is set.
+        steps (int): steps seen.
+    """
+
+    def __init__(self, optimizer, config, adaptive, monitor):
+        self.optimizer = optimizer
+        self.config = config
+        self.adaptive = adaptive
+        self.monitor = monitor
+        self.last_norm: torch.Tensor | None = None
+        self.last_skipped: torch.Tensor | None = None
+        self.steps = 0
+        self._set_found_inf = False
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pre = optimizer.register_step_pre_hook(self._before_step)
+        self._post = optimizer.register_step_post_hook(self._after_step)
+        setattr(optimizer, _ATTACHED, self)
+
+    # -- public ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Unregister the hooks; the optimizer steps as if nothing had been attached."""
+        self._pre.remove()
+        self._post.remove()
+        self._restore()
+        if getattr(self.optimizer, _ATTACHED, None) is self:
+            delattr(self.optimizer, _ATTACHED)
+
+    def state_dict(self) -> dict:
+        """The step count and the adaptive clipper's state (copies)."""
+        state = {"steps": self.steps}
+        if self.adaptive is not None and hasattr(self.adaptive, "state_dict"):
+            state["adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if "adaptive" in state and self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
+
+    # -- hooks ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs):
+        self._check_unscaled(optimizer)
+        _check_groups(optimizer)
+        cfg = self.config
+        groups = optimizer.param_groups
+        with_grad = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        everything = [p for ps in with_grad for p in ps]
+        self.steps += 1
+        if not everything:
+            self.last_norm = None
+            return None
+        if self.monitor is not None:
+            self.monitor.record()
+
+        # 1. global norm: the default set, and each group with its own max_norm
+        default = [p for g, ps in zip(groups, with_grad) if "max_norm" not in g for p in ps]
+        own = [(ps, g["max_norm"]) for g, ps in zip(groups, with_grad)
+               if "max_norm" in g and g["max_norm"] is not None and ps]
+        norm_sets = []
+        if self.adaptive is not None or cfg["max_norm"] is not None:
+            covered = len(default) + sum(len(ps) for ps, _ in own)
+        else:
+            covered = sum(len(ps) for ps, _ in own)
+        total = None
+        if covered < len(everything):  # some gradients are in no norm clip: one more read
+            total = get_total_norm([p.grad for p in everything], cfg["norm_type"],
+                                   foreach=cfg["foreach"], backend=cfg["backend"])
+        extras = dict(foreach=cfg["foreach"], backend=cfg["backend"], eps=cfg["eps"])
+        threshold = coef = None
+        if default and self.adaptive is not None:
+            norm_sets.append(self.adaptive.step(default))
+            threshold = getattr(self.adaptive, "last_threshold", None)
+            coef = getattr(self.adaptive, "last_coef", None)
+        elif default and cfg["max_norm"] is not None:
+            threshold = cfg["max_norm"]
+            norm_sets.append(self._global_clip(optimizer, default, everything, own))
+        for ps, group_max in own:
+            norm_sets.append(clip_grad_norm_(ps, group_max, cfg["norm_type"], **extras))
+        if total is None:
+            total = self._combine(norm_sets)
+
+        # 2-4. per tensor, unit-wise, value
+        for value, ps in _by_group_value(groups, with_grad, "per_tensor_norm",
+                                         cfg["per_tensor_norm"]):
+            self._per_tensor(ps, value)
+        if cfg["agc"] is not None:
+            clip_grad_agc_(everything, norm_type=cfg["norm_type"], foreach=cfg["foreach"],
+                           backend=cfg["backend"], **cfg["agc"])
+        for value, ps in _by_group_value(groups, with_grad, "clip_value", cfg["clip_value"]):
+            self._value(ps, value)
+
+        self.last_norm = total
+        if self.monitor is not None:
+            self.monitor.annotate(threshold=threshold, coef=coef)
+        self._skip(optimizer, total)
+        return None
+
+    def _after_step(self, optimizer, args, kwargs):
+        self._restore()
+        if self._set_found_inf:
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+            self._set_found_inf = False
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _global_clip(self, optimizer, default, everything, own) -> torch.Tensor:
+        from .optim import clip_into_, folds_into
+
+        cfg = self.config
+        # Under a GradScaler's step (grad_scale/found_inf already set) the scaler deletes
+        # both attributes after the step itself: no folding there.
+        driven = hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf")
+        plain = (cfg["fold"] and folds_into(optimizer) and not own and not driven
+                 and len(default) == len(everything)
+                 and all(cfg[k] is None for k in ("clip_value", "per_tensor_norm", "agc"))
+                 and not any(k in g for g in optimizer.param_groups
+                             for k in ("clip_value", "per_tensor_norm")))
+        if plain:
+            return clip_into_(optimizer, cfg["max_norm"], cfg["norm_type"], eps=cfg["eps"],
+                              foreach=cfg["foreach"], backend=cfg["backend"])
+        return clip_grad_norm_(default, cfg["max_norm"], cfg["norm_type"], eps=cfg["eps"],
+                               foreach=cfg["foreach"], backend=cfg["backend"])
+
+    def _per_tensor(self, params, value):
+        cfg = self.config
+        clip_grad_norm_per_tensor_(params, value, cfg["norm_type"], eps=cfg["eps"],
+                                   foreach=cfg["foreach"], backend=cfg["backend"])
+
+    def _value(self, params, value):
+        clip_grad_value_(params, value, foreach=self.config["foreach"],
+                         backend=self.config["backend"])
+
+    def _combine(self, norms: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the union of disjoint sets, from each set's norm."""
+        if len(norms) == 1:
+            return norms[0]
+        p = self.config["norm_type"]
+        device = norms[0].device
+        stacked = torch.stack([_dispatch.move(n, device) for n in norms]).double()
+        power = _torch_backend.reduce_power(_torch_backend.power_form(stacked, p), p)
+        return _torch_backend.root(power, p).float()
+
+    def _skip(self, optimizer, total: torch.Tensor) -> None:
+        from .optim import folds_into
+
+        cfg = self.config
+        if not cfg["skip_nonfinite"] and cfg["skip_above"] is None:
+            self.last_skipped = None
+            return
+        bad = torch.zeros((), dtype=torch.bool, device=total.device)
+        if cfg["skip_nonfinite"]:
+            bad = bad | ~torch.isfinite(total)
+        if cfg["skip_above"] is not None:
+            bad = bad | (total > cfg["skip_above"])
+        self.last_skipped = bad
+        if folds_into(optimizer):  # the fused step reads found_inf on the device
+            flag = bad.float()
+            existing = getattr(optimizer, "found_inf", None)
+            if existing is not None:  # a GradScaler's: it deletes it after the step
+                optimizer.found_inf = torch.maximum(existing, _dispatch.move(flag,
+                                                                             existing.device))
+            else:
+                optimizer.found_inf = flag
+                self._set_found_inf = True
+        elif bool(bad):  # the one documented host synchronisation
+            self._hidden = [(p, p.grad) for g in optimizer.param_groups for p in g["params"]
+                            if p.grad is not None]
+            for p, _ in self._hidden:
+                p.grad = None
+
+    def _restore(self) -> None:
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden = []
+
+    def _check_unscaled(self, optimizer) -> None:
+        from .optim import _MARKER
+
+        scale = getattr(optimizer, "grad_scale", None)
+        if scale is not None and not getattr(optimizer, _MARKER, False):
+            raise RuntimeError(
+                "the gradients are still scaled by a GradScaler when the step starts: call "
+                "scaler.unscale_(optimizer) before scaler.step(optimizer) when clipping is "
+                "attached"
+            )
+
+
+def _by_group_value(groups, with_grad, key, default):
+    """[(value, params)] for one per-group option: each group's own entry, else the default;
+    groups with the same value are merged; None means off."""
+    by_value: dict[float, list] = {}
+    for group, params in zip(groups, with_grad):
+        value = group[key] if key in group else default
+        if value is not None and params:
+            by_value.setdefault(float(value), []).extend(params)
+    return [(value, params) for value, params in by_value.items() if not math.isnan(value)]

@@ -1,0 +1,92 @@
+"""Per-tensor norm clipping: every gradient scaled by its own coefficient (Keras ``clipnorm``,
+Paddle ``ClipGradByNorm``), in one norm launch and one scale launch per group."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _rows, _validate
+from .clip_grad import TensorOrTensors
+
+__all__ = ["clip_grad_norm_per_tensor_"]
+
+
+@torch.no_grad()
+def clip_grad_norm_per_tensor_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> torch.Tensor:
+    r"""Clip the norm of each parameter's gradient separately, in place.
+
+    Every gradient :math:`g_i` is scaled by its own coefficient
+
+    .. math::
+        c_i = \min\left(\frac{max\_norm}{\lVert g_i \rVert_p + eps}, 1\right)
+
+    With the Triton backend, the norms of all gradients of one (device, dtype) come from one
+    norm launch plus one finalize launch, and all of them are scaled by one launch that reads
+    each tensor's coefficient from a device table; a tensor whose coefficient is 1 is not
+    touched. No host synchronisation (except ``nonfinite="error"``).
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is clipped;
+            ``None`` gradients are skipped. A parameter listed twice is clipped once.
+        max_norm (float): max norm of each gradient (>= 0).
+        norm_type (float or str): order of the norm, > 0 (``'inf'`` allowed). Default: 2.0
+        error_if_nonfinite (bool): raise ``RuntimeError`` (before any gradient is modified)
+            if any gradient's norm is NaN or infinite. Default: False
+        foreach (bool, optional): see :func:`tritonclip.get_total_norm`. Default: None
+        backend (str, optional): see :func:`tritonclip.clip_grad_norm_`.
+        eps (float): added to each norm before dividing. Default: 1e-6
+        nonfinite (str): ``"propagate"`` (a NaN/inf norm scales its own gradient by a NaN or
+            zero coefficient, as torch would), ``"error"``, or ``"skip"`` (a gradient whose
+            norm is not finite is left untouched; the others are clipped). Default:
+            ``"propagate"``
+
+    Returns:
+        The norm of each gradient before clipping: a 1-D float32 tensor with one entry per
+        parameter that has a gradient (in order), on the first gradient's device.
+
+    Gradients that share memory (other than the same tensor listed twice) raise
+    ``ValueError``: each must be scaled by its own coefficient.
+    """
+    parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
+    max_norm = _validate.nonnegative(max_norm, "max_norm")
+    norm_type = positive_norm_type(norm_type)
+    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
+    foreach = _validate.foreach_value(foreach)
+    grads = _validate.grads_of(parameters)
+    layout = _rows.layout(grads, None, False, _validate.backend_name(backend))
+    device = grads[0].device if grads else torch.device("cpu")
+    norms, coefs = [], []
+    for group in layout.groups:
+        group_norms = _rows.row_norms(group, grads, norm_type, False, foreach)
+        coef = torch.clamp(max_norm / (group_norms + eps), max=1.0)
+        if mode == "skip":
+            coef = torch.where(torch.isfinite(group_norms), coef, torch.ones_like(coef))
+        norms.append(group_norms)
+        coefs.append(coef)
+    result = _rows.gather_items(layout, norms, len(grads), device)
+    if mode == "error" and grads:
+        _dispatch.check_nonfinite(result.max(), mode, norm_type)  # max keeps NaN and inf
+    for group, coef in zip(layout.groups, coefs):
+        _rows.scale_rows_(group, grads, coef)
+    return result
+
+
+def positive_norm_type(norm_type) -> float:
+    """A norm order > 0 (``inf`` allowed): per-tensor and unit-wise thresholds compare a
+    magnitude, which orders 0 (a count) and -inf (a minimum) are not."""
+    value = _validate.norm_type_value(norm_type)
+    if not value > 0:
+        raise ValueError(f"norm_type must be > 0 for a per-tensor or unit-wise clip, got "
+                         f"{norm_type!r}")
+    return value
