@@ -12,7 +12,9 @@ the last of them (see ``norm.norm_clip``).
 
 Spans whose base address is 16-byte aligned and whose length is a multiple of the 16-byte
 vector go to the ``aligned`` launch, which is compiled with divisibility hints so that the
-streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` launch.
+streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` launch. (A
+long span that is not aligned is first cut into an unaligned head, an aligned body and an
+unaligned tail, except in per-span plans.)
 Both alignment classes are covered by *one* kernel launch (:class:`Streams`): programs
 ``[0, n_first)`` take chunks of the first class (aligned, when there are any) and the rest
 take chunks of the unaligned class, each through its own specialized loop. Partials are
@@ -113,6 +115,30 @@ def is_vector_aligned(address: int, numel: int, element_size: int) -> bool:
     return address % VECTOR_BYTES == 0 and numel % vec == 0
 
 
+# A span whose address or length is not a multiple of 16 bytes would run entirely in the scalar
+# loop. From this many elements on, it is cut into an unaligned head (up to the first 16-byte
+# boundary), an aligned body and an unaligned tail, so that all but < 2 vectors of it stream
+# with 128-bit accesses; below it the extra span costs more than it saves.
+SPLIT_MIN_ELEMENTS = 1024
+
+
+def _split_misaligned(spans: Sequence[tuple[int, int]], element_size: int):
+    """``spans`` with every long misaligned one cut into head, aligned body and tail."""
+    vec = VECTOR_BYTES // element_size
+    out = []
+    for address, numel in spans:
+        if (numel < SPLIT_MIN_ELEMENTS or address % element_size
+                or is_vector_aligned(address, numel, element_size)):
+            out.append((address, numel))
+            continue
+        head = (-address % VECTOR_BYTES) // element_size
+        body = (numel - head) // vec * vec
+        pieces = ((address, head), (address + head * element_size, body),
+                  (address + (head + body) * element_size, numel - head - body))
+        out.extend(piece for piece in pieces if piece[1])
+    return out
+
+
 def _build(
     spans: Sequence[tuple[int, int]],
     device: torch.device,
@@ -120,6 +146,8 @@ def _build(
     per_span: bool,
 ) -> LaunchPlan:
     element_size = dtype.itemsize
+    if not per_span:  # per-span plans keep one span per input: each is a finalize segment
+        spans = _split_misaligned(spans, element_size)
     classes = {True: [], False: []}
     for index, (address, numel) in enumerate(spans):
         if numel > 0:

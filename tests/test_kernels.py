@@ -165,7 +165,8 @@ def test_fused_group_value_equals_the_two_launch_finalize(dtype, norm_type):
     flat = random_grads([3 * kernels.CHUNK + 40], dtype, seed=9)[0]
     views = [flat[:kernels.CHUNK + 8], flat[kernels.CHUNK + 9:2 * kernels.CHUNK + 30],
              flat[2 * kernels.CHUNK + 32:]]
-    plan = kernels.plan_cache.get(_spans(views), flat.device, dtype)
+    # (per_span: spans kept whole, so the unaligned stream has two chunks)
+    plan = kernels.plan_cache.get(_spans(views), flat.device, dtype, per_span=True)
     assert plan.streams.first_aligned and plan.streams.second_chunks == 2
     fused = kernels.group_power(plan, norm_type)
     separate = kernels.finalize(plan, kernels.norm_partials(plan, norm_type), norm_type)
@@ -240,3 +241,30 @@ def test_general_p_keeps_float64_precision_for_float64_grads():
     expected = g.abs().pow(0.3).sum()
     assert abs(float(power) / float(expected) - 1) < 1e-12
     assert total.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_long_misaligned_span_streams_its_aligned_body(dtype):
+    # flat[1:] is misaligned by one element: its head (up to the 16-byte boundary) and tail
+    # take the unaligned loop, the body the 128-bit one. Neighbours stay untouched.
+    flat = random_grads([6000], dtype, seed=3, scale=5.0)[0]
+    view = flat[1:5999]
+    vec = 16 // flat.element_size()
+    plan = kernels.plan_cache.get(_spans([view]), flat.device, dtype)
+    by_kind = {launch.aligned: launch for launch in plan.launches}
+    head = vec - 1
+    body = (view.numel() - head) // vec * vec
+    assert by_kind[True].n_spans == 1 and by_kind[True].table[1].item() == body
+    assert by_kind[False].n_spans == 2
+    assert {by_kind[False].table[2].item(), by_kind[False].table[3].item()} == {
+        head, view.numel() - head - body}
+    before = flat.clone()
+    total = tritonclip.clip_grad_norm_(params_with([view]), 1.0, backend="triton")
+    expected = torch.linalg.vector_norm(before[1:5999].double())
+    assert abs(float(total) / float(expected) - 1) < 1e-5
+    from helpers import applied_coefficient, assert_scaled_once
+    assert_scaled_once(view, before[1:5999], applied_coefficient(total, 1.0))
+    assert torch.equal(flat[:1], before[:1]) and torch.equal(flat[5999:], before[5999:])
+    # a short misaligned span is not worth cutting
+    short = kernels.plan_cache.get(_spans([flat[1:100]]), flat.device, dtype)
+    assert [launch.aligned for launch in short.launches] == [False]
