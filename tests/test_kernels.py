@@ -268,3 +268,17 @@ def test_long_misaligned_span_streams_its_aligned_body(dtype):
     # a short misaligned span is not worth cutting
     short = kernels.plan_cache.get(_spans([flat[1:100]]), flat.device, dtype)
     assert [launch.aligned for launch in short.launches] == [False]
+
+
+def test_repeated_per_tensor_norms_build_and_copy_nothing(monkeypatch):
+    # The per-tensor index tables live with the cached layout: a second call on the same
+    # gradients makes no plan and no host-to-device index tensor.
+    grads = random_grads([300, 7, 4096], torch.float32, seed=1)
+    first = tritonclip.get_total_norm(grads, backend="triton", per_tensor=True)
+    builds = kernels.plan_cache.builds
+    made = []
+    original = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or original(*a, **k))
+    second = tritonclip.get_total_norm(grads, backend="triton", per_tensor=True)
+    assert kernels.plan_cache.builds == builds and not made
+    assert torch.equal(first[1], second[1])

@@ -202,26 +202,47 @@ def _max_abs(groups, foreach, device, dtype) -> torch.Tensor:
 def _group_per_tensor(tensors, group, backend, norm_type, acc, foreach, out):
     """Write each member's norm into ``out``; return the group's power-form value when the
     same pass gives it (the members' spans are disjoint and all dense), else None."""
-    members = [tensors[i] for i in group.members]
-    spans, which, disjoint = span_of_each(members, group.members)
-    value, norms = None, None
-    if spans:
-        span_group = Group(Layout(group.device, group.dtype, group.backend, spans, [],
-                                  group.members), tensors)
-        value, norms = backend.group_power(span_group, norm_type, acc, foreach, per_span=True)
-    leftover = [i for i, w in zip(group.members, which) if w is None and tensors[i].numel() > 0]
-    dense = [(i, w) for i, w in zip(group.members, which) if w is not None]
-    device = out.device
-    if dense:
-        targets = move(torch.tensor([i for i, _ in dense]), device)
-        sources = move(torch.tensor([w for _, w in dense]), norms.device)
-        out[targets] = move(norms[sources], device, torch.float32)
-    if leftover:
-        other = _torch_backend.tensor_norms(
-            [tensors[i] for i in leftover], norm_type, acc, group.device, foreach
-        )
-        out[move(torch.tensor(leftover), device)] = move(other, device, torch.float32)
-    return value if disjoint and not leftover else None
+    per = _per_tensor_layout(tensors, group, out.device)
+    value = None
+    if per.span_layout is not None:
+        value, norms = backend.group_power(Group(per.span_layout, tensors), norm_type, acc,
+                                           foreach, per_span=True)
+        out[per.targets] = move(norms[per.sources], out.device, torch.float32)
+    if per.leftover:
+        other = _torch_backend.tensor_norms([tensors[i] for i in per.leftover], norm_type,
+                                            acc, group.device, foreach)
+        out[per.leftover_targets] = move(other, out.device, torch.float32)
+    return value if per.disjoint and not per.leftover else None
+
+
+class _PerTensorLayout:
+    """What per-tensor norms of a group need besides the values, built once per layout: its
+    spans (one per distinct dense tensor) and the device index tensors that scatter span norms
+    to input positions, so a repeated call copies nothing from the host."""
+
+    __slots__ = ("span_layout", "targets", "sources", "leftover", "leftover_targets",
+                 "disjoint")
+
+    def __init__(self, tensors, group, device):
+        members = [tensors[i] for i in group.members]
+        spans, which, self.disjoint = span_of_each(members, group.members)
+        self.span_layout = (Layout(group.device, group.dtype, group.backend, spans, [],
+                                   group.members) if spans else None)
+        dense = [(i, w) for i, w in zip(group.members, which) if w is not None]
+        self.targets = move(torch.tensor([i for i, _ in dense], dtype=torch.long), device)
+        self.sources = move(torch.tensor([w for _, w in dense], dtype=torch.long),
+                            group.device)
+        self.leftover = [i for i, w in zip(group.members, which)
+                         if w is None and tensors[i].numel() > 0]
+        self.leftover_targets = move(torch.tensor(self.leftover, dtype=torch.long), device)
+
+
+def _per_tensor_layout(tensors, group, device) -> _PerTensorLayout:
+    key = ("per_tensor", device)  # cached beside the group's launch plans
+    per = group.plans.get(key)
+    if per is None:
+        per = group.plans[key] = _PerTensorLayout(tensors, group, device)
+    return per
 
 
 def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
