@@ -207,6 +207,14 @@ def scale_rows_(group: RowGroup, grads: list[torch.Tensor], coef: torch.Tensor) 
     if group.backend == "triton":
         kernels.scale_each_(group.grad_rows, coef)
         return
+    members = [grads[i] for i in group.items]
+    if (all(r == 1 for r in group.n_rows) and group.dtype in (torch.float32, torch.float64)
+            and all(g.layout == torch.strided for g in members)):
+        # Whole tensors of a dtype the coefficient needs no rounding for: one foreach call
+        # (x * 1 is x bit for bit, so rows that are not clipped stay as they are).
+        coef = torch.where(coef >= 1, torch.ones_like(coef), coef).to(group.dtype)
+        torch._foreach_mul_(members, list(coef.unbind()))
+        return
     offset = 0
     for i, r in zip(group.items, group.n_rows):
         g = grads[i]

@@ -21,6 +21,15 @@ step        N + 7N: norm, then a fused  3N + 7N: clip, then  ``optimizer-only``:
             AdamW step that applies     the same step        7N: the step alone
             the coefficient (read p,
             g, m, v; write p, m, v)
+per_tensor  3N: per-tensor norms in     3N: _foreach_norm,   3N: clip_grad_norm_
+            one pass, then one scale    coefficients,        per tensor
+            pass with a coefficient     _foreach_mul_        (``torch-loop``)
+            per tensor
+agc         4N: row norms of weights    (none)               9N: timm's
+            and gradients, then read +                       adaptive_clip_grad
+            write of clipped rows                            (``torch-loop``):
+                                                             norms 2N, multiply
+                                                             2N, where 3N, copy 2N
 ==========  ==========================  ==================  =======================
 
 The step case reports ``clip_overhead_ms`` (time minus the optimizer-only time) and
@@ -39,7 +48,7 @@ import tritonclip.amp
 
 from . import shapes as shape_sets
 
-OPS = ("active", "inactive", "norm", "value", "amp", "step")
+OPS = ("active", "inactive", "norm", "value", "amp", "step", "per_tensor", "agc")
 # The step case compares these instead of the usual implementations.
 STEP_IMPLS = ("tritonclip", "torch-foreach", "optimizer-only")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -58,10 +67,13 @@ def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
 
 # Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
-    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3, "step": 8},
-    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5, "step": 10},
+    "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3, "step": 8,
+                   "per_tensor": 3, "agc": 4},
+    "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5, "step": 10,
+                      "per_tensor": 3},
     "optimizer-only": {"step": 7},
-    "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5},
+    "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5,
+                   "per_tensor": 3, "agc": 9},
     "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
 }
 
@@ -74,6 +86,12 @@ TOTAL_NORM = 10.0
 MAX_NORM = 1.0
 # The amp case treats the gradients as scaled by 8: unscaled norm 1.25, so the clip is active.
 AMP_INV_SCALE = 0.125
+# Per-tensor limit: below every tensor's own norm (TOTAL_NORM spread over up to a few
+# thousand tensors), so every tensor is scaled.
+PER_TENSOR_MAX_NORM = 1e-3
+# AGC with weights of unit-variance entries: the threshold 0.01 * |w_i| is above a normalized
+# gradient row's norm only for very long rows, so most rows are clipped.
+AGC_CLIP_FACTOR = 0.01
 
 
 @dataclasses.dataclass
@@ -123,10 +141,10 @@ def normalize_(grads: list[torch.Tensor]) -> None:
 
 
 def restorer(op: str, grads: list[torch.Tensor]):
-    """The untimed step before each call: None, or (for "active", "amp", "step") a copy back of
-    the normalized gradients. Other cases leave the gradients in a steady state: inactive and
+    """The untimed step before each call: None, or (for the ops that scale: "active", "amp",
+    "step", "per_tensor", "agc") a copy back of the normalized gradients. Other cases leave the gradients in a steady state: inactive and
     norm do not change them, and a clamp moves the same bytes on every call."""
-    if op not in ("active", "amp", "step"):
+    if op not in ("active", "amp", "step", "per_tensor", "agc"):
         return None
     saved = [g.clone() for g in grads]
     return lambda: torch._foreach_copy_(grads, saved)
@@ -205,6 +223,10 @@ def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
 
         return two_calls
+    if op == "per_tensor":
+        return _per_tensor_callable(impl, params, grads)
+    if op == "agc":
+        return _agc_callable(impl, grads)
     if impl == "tritonclip":
         if op == "norm":
             return lambda: tritonclip.get_total_norm(grads)
@@ -222,3 +244,61 @@ def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
     if op == "value":
         return lambda: torch.nn.utils.clip_grad_value_(params, 1e-3, foreach=foreach)
     return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+
+
+def _per_tensor_callable(impl, params, grads):
+    """Each tensor clipped to its own norm: tritonclip's two passes, the foreach recipe a
+    user would write, or ``clip_grad_norm_`` called per tensor (Keras' ``clipnorm``)."""
+    max_norm = PER_TENSOR_MAX_NORM
+    if impl == "tritonclip":
+        return lambda: tritonclip.clip_grad_norm_per_tensor_(params, max_norm)
+    if impl == "torch-foreach":
+        def foreach():
+            norms = torch._foreach_norm(grads)
+            torch._foreach_add_(norms, 1e-6)
+            torch._foreach_reciprocal_(norms)
+            torch._foreach_mul_(norms, max_norm)
+            torch._foreach_clamp_max_(norms, 1.0)
+            torch._foreach_mul_(grads, norms)
+        return foreach
+    if impl == "torch-loop":
+        return lambda: [torch.nn.utils.clip_grad_norm_([p], max_norm, foreach=False)
+                        for p in params]
+    raise KeyError("per_tensor")
+
+
+def agc_params(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters with real (unit-variance) weights, which AGC reads, carrying ``grads``."""
+    gen = torch.Generator(device=grads[0].device).manual_seed(0)
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty_like(g).normal_(generator=gen))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def _agc_callable(impl, grads):
+    params = agc_params(grads)
+    if impl == "tritonclip":
+        return lambda: tritonclip.clip_grad_agc_(params, AGC_CLIP_FACTOR)
+    if impl == "torch-loop":
+        return lambda: _timm_agc(params, AGC_CLIP_FACTOR)
+    raise KeyError("agc")
+
+
+def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim <= 1:
+        return x.norm(2.0)
+    return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def _timm_agc(params, clip_factor, eps=1e-3):
+    """timm.utils.agc.adaptive_clip_grad (norm_type 2), as timm writes it."""
+    for p in params:
+        g = p.grad
+        max_norm = _unitwise_norm(p).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = _unitwise_norm(g)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        g.copy_(torch.where(grad_norm < max_norm, g, clipped))

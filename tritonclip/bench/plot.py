@@ -7,6 +7,8 @@ import os
 
 import matplotlib
 
+from .cases import OPS
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -24,8 +26,7 @@ def plot_results(result: dict, out: str) -> list[str]:
 
 
 def _plot(records, result, family, dtype, out) -> str:
-    ops = [op for op in ("active", "inactive", "norm", "value", "amp", "step")
-           if any(r["op"] == op for r in records)]
+    ops = [op for op in OPS if any(r["op"] == op for r in records)]
     fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 7), squeeze=False)
     for column, op in enumerate(ops):
         by_impl: dict[str, list] = {}
