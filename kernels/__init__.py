@@ -18,6 +18,7 @@ from .plan import (
     PlanCache,
     Streams,
     is_vector_aligned,
+    keep_for_graphs,
     plan_cache,
 )
 from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
@@ -40,6 +41,7 @@ __all__ = [
     "fuses_coefficient",
     "group_power",
     "is_vector_aligned",
+    "keep_for_graphs",
     "norm_clip",
     "norm_partials",
     "plan_cache",

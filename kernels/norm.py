@@ -150,12 +150,13 @@ def _norm_kernel(
     DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
     FUSED: tl.constexpr, EPILOGUE: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    FINALIZE_BLOCK: tl.constexpr,
 ):
     """partials[pid] = reduction over chunk ``pid`` of the plan's spans.
 
-    With FUSED, the program that finishes last (found with an acquire-release counter, which
-    it resets to 0 for the next launch) reduces all partials, in index order whichever program
-    that is, into out[0]; with EPILOGUE it also writes the norm and the clip coefficient
+    With FUSED, the program that finishes last (found with an acquire-release counter) reduces
+    all partials, in index order whichever program that is and with the finalize kernel's
+    block (so the value equals ``finalize``'s bit for bit), into out[0]; with EPILOGUE it also writes the norm and the clip coefficient
     (see ``_clip_epilogue``). The whole norm, or the norm and coefficient of a clip, is then
     one launch, and still deterministic: no atomics touch the values.
     """
@@ -178,13 +179,17 @@ def _norm_kernel(
         # half of the atomic publishes it at GPU scope; the acquire half orders the last
         # program's reads (".cg": from L2, past a stale L1) after everyone's stores.
         tl.debug_barrier()
+        # The counter only grows (int64: no wrap in any lifetime), and every launch adds
+        # exactly n_programs, so the last arrival of a launch is the one whose count is
+        # n_programs - 1 modulo n_programs. Without a reset there is nothing to lose: even
+        # if two launches over one plan were ever to overlap (unsupported), the launches
+        # after them would find the count aligned again.
         arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_programs - 1:
-            value = _reduce_partials(partials_ptr, 0, n_programs, NORM, BLOCK, ".cg")
+        if arrived % n_programs == n_programs - 1:
+            value = _reduce_partials(partials_ptr, 0, n_programs, NORM, FINALIZE_BLOCK, ".cg")
             tl.store(out_ptr, value)
             if EPILOGUE:
                 _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps, NORM, SKIP_NONFINITE)
-            tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -240,7 +245,8 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
             *streams.args(), partials, plan.counter, out, norm, coef,
             float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
             NORM=mode, ALIGNED=streams.first_aligned, FUSED=fused, EPILOGUE=epilogue,
-            SKIP_NONFINITE=skip_nonfinite, **stream_meta(plan.dtype),
+            SKIP_NONFINITE=skip_nonfinite, FINALIZE_BLOCK=finalize_config()[0],
+            **stream_meta(plan.dtype),
         )
     return partials, out, norm, coef
 
@@ -285,7 +291,8 @@ def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
     0, 1, 2, inf or -inf (see :func:`fuses_coefficient`).
 
     The launch uses the plan's arrival counter: two launches over one plan must not run
-    concurrently (on two streams at once); one after the other, as in training, is fine.
+    concurrently (on two streams at once: their results would be wrong, though later
+    launches are right again); one after the other, as in training, is fine.
     """
     if not fuses_coefficient(norm_type):
         raise ValueError(f"norm_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")

@@ -212,13 +212,13 @@ class LRUCache:
             if item is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-                return item
-        item = build()
-        with self._lock:
-            self.builds += 1
-            self._items[key] = item
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
+        if item is None:
+            item = build()
+            with self._lock:
+                self.builds += 1
+                self._items[key] = item
+                while len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
         return item
 
     def clear(self) -> None:
@@ -226,6 +226,20 @@ class LRUCache:
             self._items.clear()
             self.builds = 0
             self.hits = 0
+
+
+# Plans launched while a CUDA graph was being captured. The graph holds their tables'
+# addresses, so they are kept for the process's life, whatever the caches evict.
+_captured: list = []
+
+
+def keep_for_graphs(plan):
+    """Keep ``plan`` (anything holding device tables) alive for good when the current stream
+    is capturing a CUDA graph; returns it."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if not any(kept is plan for kept in _captured):
+            _captured.append(plan)
+    return plan
 
 
 class PlanCache(LRUCache):

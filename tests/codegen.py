@@ -62,7 +62,8 @@ def specializations():
                                 out_ptr=f"*{acc}", norm_ptr="*fp32", coef_ptr="*fp32",
                                 p_bits="i64", max_norm="fp32", eps="fp32"),
                            dict(common, NORM=norm.norm_mode(norm_type), FUSED=fused,
-                                EPILOGUE=epilogue, SKIP_NONFINITE=skip), warps)
+                                EPILOGUE=epilogue, SKIP_NONFINITE=skip,
+                                FINALIZE_BLOCK=finalize_config()[0]), warps)
             for suffix, skip in (("", True), ("-noskip", False)):
                 yield (f"scale-{tag}{suffix}", scale._scale_kernel,
                        dict(_stream_pointers(), coef_ptr="*fp32"),

@@ -187,7 +187,7 @@ def row_norms(group: RowGroup, tensors: list[torch.Tensor], norm_type: float,
     """Norm of every row of the group (items in order, rows in order), 1-D, compute dtype."""
     acc = compute_dtype(group, norm_type)
     if group.backend == "triton":
-        rows = group.param_rows if use_params else group.grad_rows
+        rows = kernels.keep_for_graphs(group.param_rows if use_params else group.grad_rows)
         partials = kernels.norm_partials(rows.plan, norm_type)
         power = kernels.finalize(rows.plan, partials, norm_type)[1:]
         return _torch_backend.root(power.to(acc), norm_type)
@@ -205,7 +205,7 @@ def scale_rows_(group: RowGroup, grads: list[torch.Tensor], coef: torch.Tensor) 
     """Multiply each row of the group's gradients in place by its coefficient (rows whose
     coefficient is >= 1 are left untouched)."""
     if group.backend == "triton":
-        kernels.scale_each_(group.grad_rows, coef)
+        kernels.scale_each_(kernels.keep_for_graphs(group.grad_rows), coef)
         return
     members = [grads[i] for i in group.items]
     if (all(r == 1 for r in group.n_rows) and group.dtype in (torch.float32, torch.float64)

@@ -20,7 +20,7 @@ def _plan(group: Group, per_span: bool = False) -> kernels.LaunchPlan:
     if plan is None:
         plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
         group.plans[per_span] = plan
-    return plan
+    return kernels.keep_for_graphs(plan)
 
 
 def group_power(group: Group, norm_type: float, acc_dtype: torch.dtype, foreach: bool | None,

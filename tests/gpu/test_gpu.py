@@ -167,7 +167,7 @@ def test_last_program_sees_every_partial(norm_type):
     expected = kernels.finalize(plan, kernels.norm_partials(plan, norm_type), norm_type)[:1]
     values = torch.stack([kernels.group_power(plan, norm_type) for _ in range(200)])
     assert torch.equal(values, expected.expand(200, 1))
-    assert plan.counter.item() == 0
+    assert plan.counter.item() % plan.streams.n_programs == 0
 
 
 def test_nccl_single_rank_smoke():
