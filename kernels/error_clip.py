@@ -153,8 +153,11 @@ def _clamp_out_kernel(
     pid = tl.program_id(0).to(tl.int64)
     if ALIGNED:
         # The launcher checked numel % VEC == 0 (pointers are 16-byte aligned: Triton
-        # specializes on that by itself); masks then stay uniform per 16-byte vector.
-        numel = tl.multiple_of(numel, VEC)
+        # specializes on that by itself); masks then stay uniform per 16-byte vector. An
+        # identity here, written so the compiler sees the divisibility: tl.multiple_of has no
+        # op to attach to on a kernel argument (and do_not_specialize keeps Triton's own
+        # divisibility-by-16 specialization off).
+        numel = (numel // VEC) * VEC
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
@@ -195,8 +198,9 @@ def _row_clip_fused_kernel(
     row_mask = rows < n_rows
     if ALIGNED:
         # row_len % VEC == 0 (checked by the launcher): every row starts on a 16-byte vector
-        # and the column masks are uniform per vector, so loads and stores are 128-bit.
-        row_len = tl.multiple_of(row_len, VEC)
+        # and the column masks are uniform per vector, so loads and stores are 128-bit. The
+        # identity shows the compiler that divisibility (see _clamp_out_kernel).
+        row_len = (row_len // VEC) * VEC
     row_start = rows * row_len
     power = _row_power(x_ptr, row_start, row_mask, 0, row_len, p, NORM, ACC, BLOCK_R, BLOCK_C)
     coef = _coefficient(power, p, max_norm, eps, NORM, ACC)
@@ -223,7 +227,7 @@ def _row_partials_kernel(
     ``pid // chunks_per_row`` (long rows)."""
     pid = tl.program_id(0).to(tl.int64)
     if ALIGNED:
-        row_len = tl.multiple_of(row_len, VEC)  # as in the fused kernel
+        row_len = (row_len // VEC) * VEC  # an identity, as in the fused kernel
     row = pid // chunks_per_row
     col_lo = (pid % chunks_per_row) * CHUNK
     col_hi = tl.minimum(col_lo + CHUNK, row_len)
@@ -283,7 +287,7 @@ def _row_scale_kernel(
     """out = x * coef[row] over chunk ``pid % chunks_per_row`` of row ``pid // chunks_per_row``."""
     pid = tl.program_id(0).to(tl.int64)
     if ALIGNED:
-        row_len = tl.multiple_of(row_len, VEC)  # as in the fused kernel
+        row_len = (row_len // VEC) * VEC  # an identity, as in the fused kernel
     row = pid // chunks_per_row
     col_lo = (pid % chunks_per_row) * CHUNK
     col_hi = tl.minimum(col_lo + CHUNK, row_len)
