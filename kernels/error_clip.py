@@ -9,7 +9,7 @@ coefficient ``min(max_norm / (||row||_p + eps), 1)``:
   ``BLOCK_R`` whole rows, reduces them (first read), computes their coefficients and writes
   the scaled rows (second read, from L1/L2 for rows this short): 2N bytes from DRAM.
 - longer rows (and the whole-tensor clip, one row of ``numel``): partials per
-  (row, chunk of ``CHUNK`` elements), a finalize that turns each row's partials into its
+  (row, chunk of ``SPLIT_CHUNK`` elements), a finalize that turns each row's partials into its
   coefficient, and a scale over (row, chunk): three launches, 3N bytes, with enough programs
   to fill a GPU however few the rows.
 
@@ -39,13 +39,23 @@ from .config import (
     soft_bf16_rounding,
     stream_config,
 )
-from .plan import CHUNK, VECTOR_BYTES
+from .plan import VECTOR_BYTES
 
 # Rows up to this many elements take the fused kernel. A program then reads a row twice;
 # 16 Ki elements (64 KiB of float32) still sit in L1/L2 for the second read, and past it the
 # split path's extra launch costs less than the lost parallelism of one program per row.
-# Not yet measured on a GPU (the benchmark issue owns the sweep).
+# Not yet swept on a GPU (the benchmark issue owns that).
 FUSED_ROW_MAX = 16 * 1024
+
+# Elements per program of the split path (partials and scale). On an H100 (32M bf16/fp32
+# elements as 1 or 64 rows), 8 Ki ran 5-7% faster than the streaming kernels' 64 Ki chunk (too
+# few programs in flight); 4 Ki to 32 Ki were within noise of each other.
+SPLIT_CHUNK = 8 * 1024
+
+# Bytes per program of the clamp: two loop iterations of 8 KiB. On an H100 this matched a
+# device copy and torch's clamp (32M bf16: 0.050-0.052 ms), where 64 Ki elements per program
+# (128 KiB) took 0.063 ms.
+CLAMP_CHUNK_BYTES = 16 * 1024
 
 
 def norm_mode(norm_type: float) -> int:
@@ -334,11 +344,12 @@ def clamp_out(x: torch.Tensor, out: torch.Tensor, lo: float, hi: float,
     if numel == 0:
         return
     block, num_warps = stream_config(x.dtype)
+    chunk = CLAMP_CHUNK_BYTES // x.element_size()
     with on_device(x.device):
-        _clamp_out_kernel[(triton.cdiv(numel, CHUNK),)](
+        _clamp_out_kernel[(triton.cdiv(numel, chunk),)](
             x, out, counts if counts is not None else x, numel, float64_bits(lo),
             float64_bits(hi), DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[compute_dtype(x.dtype)],
-            CHUNK=CHUNK, BLOCK=block, ALIGNED=_aligned(numel, x, out),
+            CHUNK=chunk, BLOCK=block, ALIGNED=_aligned(numel, x, out),
             VEC=VECTOR_BYTES // x.element_size(), SOFT_BF16=soft_bf16_rounding(),
             COUNT=counts is not None, num_warps=num_warps,
         )
@@ -384,17 +395,17 @@ def row_clip_out(x: torch.Tensor, out: torch.Tensor, max_norm: float, norm_type:
             )
             return
         block, num_warps = stream_config(dtype)
-        chunks_per_row = triton.cdiv(row_len, CHUNK)
+        chunks_per_row = triton.cdiv(row_len, SPLIT_CHUNK)
         grid = (n_rows * chunks_per_row,)
         partials = torch.empty(grid[0], dtype=compute_dtype(dtype), device=x.device)
         coef = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _row_partials_kernel[grid](x, partials, row_len, chunks_per_row, p, CHUNK=CHUNK,
+        _row_partials_kernel[grid](x, partials, row_len, chunks_per_row, p, CHUNK=SPLIT_CHUNK,
                                    BLOCK=block, num_warps=num_warps, **common)
         fin_block, fin_warps = finalize_config()
         _row_finalize_kernel[(n_rows,)](partials, coef, counts_arg, chunks_per_row, p,
                                         max_norm, eps, NORM=mode, BLOCK=fin_block, COUNT=count,
                                         num_warps=fin_warps)
         _row_scale_kernel[grid](x, out, coef, row_len, chunks_per_row, DTYPE=TL_DTYPES[dtype],
-                                CHUNK=CHUNK, BLOCK=block, SOFT_BF16=soft_bf16_rounding(),
+                                CHUNK=SPLIT_CHUNK, BLOCK=block, SOFT_BF16=soft_bf16_rounding(),
                                 num_warps=num_warps, ACC=common["ACC"],
                                 ALIGNED=common["ALIGNED"], VEC=common["VEC"])

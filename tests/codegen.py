@@ -94,7 +94,8 @@ def error_clip_specializations():
                 yield (f"ec_clamp_out-{tag}{'-count' if count else ''}", ec._clamp_out_kernel,
                        {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "counts_ptr": "*i64",
                         "numel": "i32", "lo_bits": "i64", "hi_bits": "i64"},
-                       dict(common, CHUNK=ec.CHUNK, BLOCK=block, SOFT_BF16=False, COUNT=count),
+                       dict(common, CHUNK=ec.CLAMP_CHUNK_BYTES // dtype.itemsize, BLOCK=block,
+                            SOFT_BF16=False, COUNT=count),
                        warps)
             fused = [("sumsq", 2.0, block, False)]
             if aligned and dtype in (torch.float32, torch.bfloat16):
@@ -119,11 +120,12 @@ def error_clip_specializations():
                        {"x_ptr": f"*{t}", "partials_ptr": f"*{acc}", "row_len": "i32",
                         "chunks_per_row": "i32", "p": "fp32"},
                        dict(ACC=base["ACC"], VEC=base["VEC"], ALIGNED=aligned,
-                            NORM=ec.norm_mode(norm_type), CHUNK=ec.CHUNK, BLOCK=block), warps)
+                            NORM=ec.norm_mode(norm_type), CHUNK=ec.SPLIT_CHUNK, BLOCK=block),
+                       warps)
             yield (f"ec_row_scale-{tag}", ec._row_scale_kernel,
                    {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "coef_ptr": "*fp32", "row_len": "i32",
                     "chunks_per_row": "i32"},
-                   dict(common, CHUNK=ec.CHUNK, BLOCK=block, SOFT_BF16=False), warps)
+                   dict(common, CHUNK=ec.SPLIT_CHUNK, BLOCK=block, SOFT_BF16=False), warps)
     fin_block, fin_warps = finalize_config()
     for norm_name, norm_type, partials, count in (
             ("sumsq", 2.0, "fp32", False), ("sumsq", 2.0, "fp64", False),
