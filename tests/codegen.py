@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritonclip.kernels import clamp, norm, scale, scale_each
-from tritonclip.kernels.config import finalize_config, stream_meta
+from tritonclip.kernels import error_clip as ec
+from tritonclip.kernels.config import finalize_config, stream_config, stream_meta
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _NORMS = {"sumsq": 2.0, "sumabs": 1.0, "sumpow": 3.5, "max": float("inf"), "min": float("-inf"),
@@ -91,6 +92,67 @@ def specializations():
                    {"partials_ptr": f"*{partials}", "segments_ptr": "*i64",
                     "out_ptr": f"*{partials}"},
                    dict(NORM=norm.norm_mode(norm_type), BLOCK=block), warps)
+    yield from error_clip_specializations()
+
+
+def error_clip_specializations():
+    """The error-clip kernels (``ec_`` names): every dtype and alignment of the streaming
+    ones at the p = 2 norm, and the other norms, narrow tiles and counting once (float32),
+    which share the same code paths."""
+    for dtype, t in _TYPE.items():
+        block, warps = stream_config(dtype)
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        base = dict(DTYPE=ec.TL_DTYPES[dtype], ACC=ec.TL_DTYPES[ec.compute_dtype(dtype)],
+                    VEC=16 // dtype.itemsize)
+        for aligned in (True, False):
+            tag = f"{t}-{'aligned' if aligned else 'unaligned'}"
+            common = dict(base, ALIGNED=aligned)
+            for count in (False, True) if (dtype == torch.float32 and aligned) else (False,):
+                yield (f"ec_clamp_out-{tag}{'-count' if count else ''}", ec._clamp_out_kernel,
+                       {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "counts_ptr": "*i64",
+                        "numel": "i32", "lo_bits": "i64", "hi_bits": "i64"},
+                       dict(common, CHUNK=ec.CLAMP_CHUNK_BYTES // dtype.itemsize, BLOCK=block,
+                            SOFT_BF16=False, COUNT=count),
+                       warps)
+            fused = [("sumsq", 2.0, block, False)]
+            if aligned and dtype in (torch.float32, torch.bfloat16):
+                fused.append(("sumsq", 2.0, 64, False))  # short rows: 64 wide, many tall
+            if aligned and dtype == torch.float32:
+                fused += [("sumabs", 1.0, block, False), ("max", float("inf"), block, False),
+                          ("sumpow", 3.5, block, False), ("sumsq", 2.0, block, True)]
+            for norm_name, norm_type, width, count in fused:
+                rows, width = ec.fused_tile(width, dtype)
+                yield (f"ec_row_fused-{norm_name}-{tag}-w{width}{'-count' if count else ''}",
+                       ec._row_clip_fused_kernel,
+                       {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "counts_ptr": "*i64",
+                        "n_rows": "i32", "row_len": "i32", "p": "fp32", "max_norm": "fp32",
+                        "eps": "fp32"},
+                       dict(common, NORM=ec.norm_mode(norm_type), BLOCK_R=rows, BLOCK_C=width,
+                            SOFT_BF16=False, COUNT=count), 4)
+            partial_norms = [("sumsq", 2.0)] if dtype in (torch.float32, torch.bfloat16) else []
+            if aligned and dtype == torch.float32:
+                partial_norms.append(("max", float("inf")))
+            for norm_name, norm_type in partial_norms:
+                yield (f"ec_row_partials-{norm_name}-{tag}", ec._row_partials_kernel,
+                       {"x_ptr": f"*{t}", "partials_ptr": f"*{acc}", "row_len": "i32",
+                        "chunks_per_row": "i32", "p": "fp32"},
+                       dict(ACC=base["ACC"], VEC=base["VEC"], ALIGNED=aligned,
+                            NORM=ec.norm_mode(norm_type), CHUNK=ec.SPLIT_CHUNK, BLOCK=block),
+                       warps)
+            yield (f"ec_row_scale-{tag}", ec._row_scale_kernel,
+                   {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "coef_ptr": "*fp32", "row_len": "i32",
+                    "chunks_per_row": "i32"},
+                   dict(common, CHUNK=ec.SPLIT_CHUNK, BLOCK=block, SOFT_BF16=False), warps)
+    fin_block, fin_warps = finalize_config()
+    for norm_name, norm_type, partials, count in (
+            ("sumsq", 2.0, "fp32", False), ("sumsq", 2.0, "fp64", False),
+            ("max", float("inf"), "fp32", False), ("sumpow", 3.5, "fp32", False),
+            ("sumsq", 2.0, "fp32", True)):
+        yield (f"ec_row_finalize-{norm_name}-{partials}{'-count' if count else ''}",
+               ec._row_finalize_kernel,
+               {"partials_ptr": f"*{partials}", "coef_ptr": "*fp32", "counts_ptr": "*i64",
+                "chunks_per_row": "i32", "p": "fp32", "max_norm": "fp32", "eps": "fp32"},
+               dict(NORM=ec.norm_mode(norm_type), BLOCK=fin_block, COUNT=count), fin_warps)
 
 
 def _tool(name, *args):

@@ -43,16 +43,24 @@ def test_every_specialization_compiled(report):
     # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); 2 scales (skip at >= 1 or
     # not), 2 per-span scales (scale_each), 1 clamp (+1 with an i32 bound for fp32);
     # finalize: 11 (norm, partials dtype) pairs
-    assert len(names) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 2 + 11
+    core = {name for name in names if not name.startswith("ec_")}
+    assert len(core) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 2 + 11
+    # error clipping: per dtype and alignment 1 clamp, 1 fused row clip, 1 row scale; row
+    # partials for fp32/bf16 (2 x 2); float32 aligned extras (counting clamp, narrow tile,
+    # 3 other norms, counting row clip, max partials); a bf16 narrow tile; 5 finalizes
+    assert len(names - core) == 4 * 2 * 3 + 4 + (1 + 1 + 3 + 1 + 1) + 1 + 5
     assert set(report) == {f"sm{arch}/{name}" for arch in ARCHS for name in names}
 
 
-@pytest.mark.parametrize("kind", ["norm", "scale", "scale_each", "clamp"])
+@pytest.mark.parametrize("kind", ["norm", "scale", "scale_each", "clamp", "ec_clamp_out",
+                                  "ec_row_fused", "ec_row_partials", "ec_row_scale"])
 def test_aligned_streaming_loops_use_128_bit_accesses(report, kind):
-    for name, info in _variants(report, kind).items():
+    variants = _variants(report, kind)
+    assert variants
+    for name, info in variants.items():
         if "-aligned" in name:
             assert info["ldg128"] > 0, f"{name}: no LDG.E.128 in the SASS"
-            if kind != "norm":
+            if kind != "norm" and not kind.endswith("partials"):  # reductions store one value
                 assert info["stg128"] > 0, f"{name}: no STG.E.128 in the SASS"
 
 
@@ -72,7 +80,8 @@ def test_no_kernel_uses_local_memory(report):
 
 def test_bf16_stores_round_to_nearest_even(report):
     for name, info in report.items():
-        if "bf16" in name and ("/scale" in name or "/clamp-" in name):
+        if "bf16" in name and any(f"/{kind}-" in name for kind in (
+                "scale", "scale_each", "clamp", "ec_clamp_out", "ec_row_fused", "ec_row_scale")):
             assert info["bf16_cvt_modes"] == ["rn"], (name, info["bf16_cvt_modes"])
 
 
@@ -96,3 +105,17 @@ def test_clip_epilogue_uses_ieee_division_and_sqrt(report):
             assert div_rn, name
             if "-sumsq-fp32" in name:
                 assert sqrt_rn, name
+
+
+def test_error_clip_coefficient_uses_ieee_division_and_sqrt(report):
+    # The row coefficient follows clip_grad_norm_'s formula: IEEE reciprocal, and for float32
+    # accumulation an IEEE sqrt (tl.sqrt of float32 is an approximation).
+    checked = 0
+    for name, info in report.items():
+        if "/ec_row_fused-" in name or "/ec_row_finalize-" in name:
+            sqrt_rn, div_rn = info["ieee_sqrt_div"]
+            assert div_rn, name
+            if "-sumsq-" in name and "fp64" not in name:
+                assert sqrt_rn, name
+            checked += 1
+    assert checked

@@ -53,3 +53,18 @@ def clip_grad_value(grads: list[torch.Tensor], lo: float, hi: float) -> list[tor
         out.append(torch.where(torch.isnan(x), x, x.clamp(min=lo if lo > -math.inf else None,
                                                           max=hi if hi < math.inf else None)))
     return out
+
+
+def error_clip_grad(grad: torch.Tensor, lo: float | None = None, hi: float | None = None,
+                    max_norm: float | None = None, dim: int | tuple[int, ...] | None = None,
+                    norm_type: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+    """What :func:`tritonclip.error_clip`'s backward makes of ``grad``, in float64 (and
+    differentiable, for double-backward checks): clamped to [lo, hi] (NaN stays NaN), or each
+    slice over ``dim`` (all of ``grad`` for None) scaled by min(max_norm / (norm + eps), 1)."""
+    x = grad.to(torch.float64)
+    if max_norm is None:
+        low = -math.inf if lo is None else lo
+        high = math.inf if hi is None else hi
+        return torch.where(torch.isnan(x), x, x.clamp(min=low, max=high))
+    norm = torch.linalg.vector_norm(x, norm_type, dim=dim, keepdim=True)
+    return x * torch.clamp(max_norm / (norm + eps), max=1.0)
