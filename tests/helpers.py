@@ -39,7 +39,8 @@ def params_with(grads: list[torch.Tensor | None]) -> list[torch.nn.Parameter]:
     for g in grads:
         shape = g.shape if g is not None else (3,)
         dtype = g.dtype if g is not None else torch.float32
-        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        device = g.device if g is not None else "cpu"
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         p.grad = g
         params.append(p)
     return params

@@ -216,6 +216,10 @@ def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
             return lambda: tritonclip.amp.unscale_and_clip_grads_(grads, inv_scale, max_norm)
         if impl == "torch-compile":
             raise KeyError(op)
+        if grads[0].is_cuda and any(g.dtype == torch.bfloat16 for g in grads):
+            # GradScaler's CUDA unscale has no bfloat16 kernel on some torch versions (2.11),
+            # and bfloat16 training has no scaler: the amp case is for float16.
+            raise KeyError(op)
         foreach = impl == "torch-foreach"
 
         def two_calls():
