@@ -130,7 +130,7 @@ def test_group_entry_none_turns_clipping_off_for_that_group():
 def test_per_tensor_agc_and_value_in_order(backend):
     def explicit(m, o):
         params = list(m.parameters())
-        total = tritonclip.get_total_norm([p.grad for p in params])
+        total = tritonclip.get_total_norm([p.grad for p in params], backend=backend)
         tritonclip.clip_grad_norm_per_tensor_(params, 0.3, backend=backend)
         tritonclip.clip_grad_agc_(params, 0.05, backend=backend)
         tritonclip.clip_grad_value_(params, 0.02, backend=backend)
