@@ -323,3 +323,26 @@ def test_layout_cache_notices_a_changed_list(change):
         expected = [base[:48]]
     total = tritonclip.get_total_norm(grads)
     assert_norm_close(total, reference.total_norm(expected, 2.0))
+
+
+def test_the_same_gradient_objects_skip_the_signature(monkeypatch):
+    from tritonclip import _groups
+
+    grads = random_grads([100, 200, 50], torch.float32)
+    expected = tritonclip.get_total_norm(grads)
+    monkeypatch.setattr(_groups, "_signature", lambda *a: pytest.fail("signature computed"))
+    assert torch.equal(tritonclip.get_total_norm(grads), expected)
+
+
+@pytest.mark.parametrize("change", ["data", "resize"])
+def test_a_gradient_object_whose_memory_changed_is_regrouped(change):
+    # Same tensor objects as the cached call, but one now has other memory (``.data =``) or
+    # another size (``resize_``): the identity fast path must notice and regroup.
+    grads = random_grads([100, 200], torch.float32)
+    tritonclip.get_total_norm(grads)
+    if change == "data":
+        grads[1].data = torch.full((300,), 2.0)
+    else:
+        grads[1].resize_(50)
+    total = tritonclip.get_total_norm(grads)
+    assert_norm_close(total, reference.total_norm([g.clone() for g in grads], 2.0))

@@ -70,6 +70,10 @@ def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: floa
     if process_group is None and not any(g.spans or g.others for g in groups):
         total = torch.zeros((), dtype=torch.float32, device=device)
         return (total, per_tensor_norms) if per_tensor else total
+    if not per_tensor and process_group is None and _fuses(tensors, groups, norm_type):
+        # One launch: the norm kernel's last program writes the float32 norm itself.
+        (group,) = [g for g in groups if g.spans or g.others]
+        return _triton_backend.norm_and_coefficient(group, norm_type, 1.0, 0.0, False)[0]
     power, nan, inf = _reduced_power(tensors, groups, norm_type, foreach, device,
                                      process_group, per_tensor_norms)
     total = _finish(power, nan, inf, norm_type)
@@ -256,15 +260,22 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
     computes both, and the whole clip is two launches: norm, scale. Otherwise the groups' values
     are combined with torch ops.
     """
-    working = [g for g in groups if g.spans or g.others]
-    if (process_group is None and len(working) == 1 and working[0].backend == "triton"
-            and not working[0].others and shows_nonfinite(norm_type)
-            and working[0].device == tensors[0].device
-            and _triton_backend.kernels.fuses_coefficient(norm_type)):
-        return _triton_backend.norm_and_coefficient(working[0], norm_type, max_norm, eps,
+    if process_group is None and _fuses(tensors, groups, norm_type):
+        (group,) = [g for g in groups if g.spans or g.others]
+        return _triton_backend.norm_and_coefficient(group, norm_type, max_norm, eps,
                                                     skip_nonfinite)
     total = total_norm(tensors, groups, norm_type, foreach, process_group=process_group)
     return total, clip_coefficient(total, max_norm, eps, skip_nonfinite)
+
+
+def _fuses(tensors, groups, norm_type) -> bool:
+    """Whether the norm kernel alone gives the float32 norm (and clip coefficient): one
+    Triton group of dense spans, on the first tensor's device, and an order > 0 whose root
+    the kernel takes exactly (1, 2, inf)."""
+    working = [g for g in groups if g.spans or g.others]
+    return (len(working) == 1 and working[0].backend == "triton" and not working[0].others
+            and shows_nonfinite(norm_type) and working[0].device == tensors[0].device
+            and kernels.fuses_coefficient(norm_type))
 
 
 def clip_coefficient(total: torch.Tensor, max_norm: float, eps: float,

@@ -16,6 +16,7 @@ sets allow.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -41,7 +42,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def has_dtensor(tensors: list[torch.Tensor]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    return DTensor is not None and any(map(isinstance, tensors, itertools.repeat(DTensor)))
 
 
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -55,6 +56,8 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def check_no_partial(tensors: list[torch.Tensor], name: str) -> None:
     """``ValueError`` for a DTensor with a ``Partial`` placement: a value clip of its addends
     would not bound their sum."""
+    if not has_dtensor(tensors):
+        return
     for index, t in enumerate(tensors):
         if is_dtensor(t) and any(p.is_partial() for p in t.placements):
             raise ValueError(

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import operator
 import os
 import types
 import warnings
@@ -29,11 +31,12 @@ def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
         raise TypeError(
             f"{name} must be a Tensor or an iterable of Tensors, got {type(items).__name__}"
         ) from None
-    for index, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(
-                f"{name}[{index}] must be a Tensor, got {type(item).__name__}: {item!r}"
-            )
+    if not all(map(isinstance, items, itertools.repeat(torch.Tensor))):  # C loop: ~30 ns each
+        index, item = next((i, x) for i, x in enumerate(items)
+                           if not isinstance(x, torch.Tensor))
+        raise TypeError(
+            f"{name}[{index}] must be a Tensor, got {type(item).__name__}: {item!r}"
+        )
     if warn_empty_generator and is_generator and not items:
         warnings.warn(
             f"`{name}` is an empty generator, no gradient clipping will occur.", stacklevel=4
@@ -43,7 +46,10 @@ def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
 
 def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     """The non-None ``.grad`` of each parameter (checked later, per group, by check_group)."""
-    return [g for p in parameters if (g := p.grad) is not None]
+    return [g for g in map(_GRAD, parameters) if g is not None]
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def check_group(device: torch.device, dtype: torch.dtype, layout: torch.layout,
