@@ -96,6 +96,19 @@ def _one_dimensional_mesh(rank, world, backend):
     assert torch.equal(gs[0].to_local(), distribute_tensor(full[0], mesh, [Shard(0)]).to_local())
     tritonclip.clip_grad_value_([_dtensor_param(gs[0])], 0.5, backend=backend)
     assert torch.equal(gs[0].full_tensor(), full[0].clamp(-0.5, 0.5))
+    # a process group over the DTensors' own mesh would count them twice: refused
+    gs = grads()
+    with pytest.raises(ValueError, match="overlaps the device mesh"):
+        tritonclip.get_total_norm(gs, process_group=dist.group.WORLD, backend=backend)
+    # torch's get_total_norm of DTensors (a DTensor) is accepted by clip_grads_with_norm_
+    gs = grads()[:3]
+    before = [g.to_local().clone() for g in gs]
+    theirs = torch.nn.utils.get_total_norm(gs)
+    tritonclip.clip_grads_with_norm_([_dtensor_param(g) for g in gs], 1.0, theirs,
+                                     backend=backend)
+    coef = applied_coefficient(theirs.full_tensor(), 1.0)
+    for g, b in zip(gs, before):
+        assert_scaled_once(g.to_local(), b, coef)
 
 
 def _plain_param(grad):
@@ -376,3 +389,14 @@ def test_norm_filter_leaves_a_tensor_out_of_the_norm_but_scales_it():
     total = tritonclip.clip_grad_norm_(params, 1.0, norm_filter=lambda p: p.numel() == 4)
     assert float(total) == 6.0
     assert torch.allclose(params[1].grad, torch.full((9,), 1.0 / (6.0 + 1e-6)))
+
+
+def test_megatron_filter_refuses_gradients():
+    import tritonclip
+    from helpers import params_with
+    from tritonclip.distributed import megatron_norm_filter
+
+    (p,) = params_with([torch.ones(4)])
+    assert megatron_norm_filter()(p)
+    with pytest.raises(TypeError, match="parameters"):
+        tritonclip.get_total_norm([p.grad], norm_filter=megatron_norm_filter())

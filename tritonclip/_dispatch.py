@@ -56,15 +56,19 @@ def _combine(values: list[torch.Tensor], norm_type: float, device: torch.device,
 
 
 def total_norm(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
-               foreach: bool | None, per_tensor: bool = False, process_group=None):
+               foreach: bool | None, per_tensor: bool = False, process_group=None,
+               device: torch.device | None = None):
     """The norm of ``tensors`` viewed as one vector, each storage region counted once: a
     float32 0-dim tensor on the first tensor's device (CPU when there is none). With a
     ``process_group``, the norm over the gradients of every rank of the group (one
     all-reduce; see :mod:`tritonclip.distributed`).
 
     With ``per_tensor`` also returns a 1-D float32 tensor of each input tensor's own norm.
+    ``device`` overrides where the norm lives (e.g. the device of gradients that a filter
+    left out of the norm).
     """
-    device = tensors[0].device if tensors else torch.device("cpu")
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
     per_tensor_norms = (torch.zeros(len(tensors), dtype=torch.float32, device=device)
                         if per_tensor else None)
     if process_group is None and not any(g.spans or g.others for g in groups):
@@ -251,7 +255,8 @@ def _per_tensor_layout(tensors, group, device) -> _PerTensorLayout:
 
 def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_type: float,
                          foreach: bool | None, max_norm: float, eps: float,
-                         skip_nonfinite: bool, process_group=None
+                         skip_nonfinite: bool, process_group=None,
+                         device: torch.device | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total norm, clip coefficient) for ``clip_grad_norm_``.
 
@@ -264,7 +269,8 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
         (group,) = [g for g in groups if g.spans or g.others]
         return _triton_backend.norm_and_coefficient(group, norm_type, max_norm, eps,
                                                     skip_nonfinite)
-    total = total_norm(tensors, groups, norm_type, foreach, process_group=process_group)
+    total = total_norm(tensors, groups, norm_type, foreach, process_group=process_group,
+                       device=device)
     return total, clip_coefficient(total, max_norm, eps, skip_nonfinite)
 
 
@@ -273,7 +279,7 @@ def _fuses(tensors, groups, norm_type) -> bool:
     Triton group of dense spans, on the first tensor's device, and an order > 0 whose root
     the kernel takes exactly (1, 2, inf)."""
     working = [g for g in groups if g.spans or g.others]
-    return (len(working) == 1 and working[0].backend == "triton" and not working[0].others
+    return (len(tensors) > 0 and len(working) == 1 and working[0].backend == "triton" and not working[0].others
             and shows_nonfinite(norm_type) and working[0].device == tensors[0].device
             and kernels.fuses_coefficient(norm_type))
 

@@ -100,6 +100,26 @@ def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[NormSet]:
                      if _splits(t.placements[i]))
         sharded.setdefault((t.device_mesh, dims), []).append(t.to_local())
     sets = [NormSet(plain, outer)] if plain or outer else []
+    for mesh, _ in sharded:
+        if outer_group is not None:
+            _check_disjoint(mesh, outer_group)
     for (mesh, dims), members in sharded.items():
         sets.append(NormSet(members, tuple(mesh.get_group(d) for d in dims) + outer))
     return sets
+
+
+def _check_disjoint(mesh, outer_group) -> None:
+    """``ValueError`` when the outer group shares ranks other than this one with a DTensor's
+    mesh: the mesh already accounts for those ranks (Shard: reduced; Replicate: counted
+    once), so reducing over them again would count elements twice."""
+    import torch.distributed as dist
+
+    mesh_ranks = set(mesh.mesh.flatten().tolist())
+    shared = mesh_ranks & set(dist.get_process_group_ranks(outer_group))
+    if shared != {dist.get_rank()}:
+        raise ValueError(
+            f"process_group (ranks {sorted(dist.get_process_group_ranks(outer_group))}) "
+            f"overlaps the device mesh of DTensor gradients (ranks {sorted(mesh_ranks)}): "
+            "their placements already say how those ranks share them. Pass a group across "
+            "which the DTensors are not distributed (e.g. the pipeline group), or none."
+        )

@@ -156,6 +156,8 @@ def clip_grads_with_norm_(
         return
     if not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_validate.nonnegative(total_norm, "total_norm"))
+    elif _sharding.is_dtensor(total_norm):  # torch's get_total_norm of DTensor gradients
+        total_norm = total_norm.full_tensor()
     total_norm = _dispatch.move(total_norm, grads[0].device)
     coef = _dispatch.clip_coefficient(total_norm, max_norm, eps, skip_nonfinite=False)
     _dispatch.scale_(groups, coef, foreach)
@@ -265,7 +267,8 @@ def clip_grad_norm_(
         counted = _validate.grads_of(_counted(parameters, norm_filter))
         total, coef = _dispatch.norm_and_coefficient(
             counted, group_tensors(counted, backend), norm_type, foreach, max_norm, eps,
-            skip_nonfinite=skip, process_group=process_group)
+            skip_nonfinite=skip, process_group=process_group,
+            device=grads[0].device if grads else None)
     elif not grads and process_group is None:
         return _dispatch.total_norm(grads, groups, norm_type, foreach)
     else:

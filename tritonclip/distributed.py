@@ -130,6 +130,12 @@ def megatron_norm_filter(tensor_parallel_group=None):
     first = tensor_parallel_group is None or dist.get_rank(tensor_parallel_group) == 0
 
     def counted(param: torch.Tensor) -> bool:
+        if not isinstance(param, torch.nn.Parameter):
+            raise TypeError(
+                "megatron_norm_filter reads the attributes of parameters (tensor_model_parallel, "
+                f"shared), but was given a {type(param).__name__}: pass parameters (e.g. to "
+                "clip_grad_norm_), not their gradients"
+            )
         if getattr(param, "shared", False):
             return False
         return bool(getattr(param, "tensor_model_parallel", False)) or first
