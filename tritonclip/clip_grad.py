@@ -309,7 +309,8 @@ def clip_grad_value_(
     low, high = _validate.value_bounds(clip_value, lo, hi)
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
-    _sharding.check_no_partial(grads, "gradients")
-    groups = group_tensors(_sharding.local_tensors(grads), _validate.backend_name(backend),
-                           purpose="clamp")
+    if _sharding.has_dtensor(grads):
+        _sharding.check_no_partial(grads, "gradients")
+        grads = _sharding.local_tensors(grads)
+    groups = group_tensors(grads, _validate.backend_name(backend), purpose="clamp")
     _dispatch.clamp_(groups, low, high, foreach)
