@@ -221,6 +221,22 @@ def _row_clip_fused_kernel(
                 SOFT_BF16)
 
 
+@triton.jit
+def _row_chunk(row_len, chunks_per_row, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
+               VEC: tl.constexpr):
+    """(row, row start as a 1-row block, its mask, [col_lo, col_hi)) of this program's chunk:
+    chunk ``pid % chunks_per_row`` of row ``pid // chunks_per_row`` (long rows)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if ALIGNED:
+        row_len = (row_len // VEC) * VEC  # an identity, as in the fused kernel
+    row = pid // chunks_per_row
+    col_lo = (pid % chunks_per_row) * CHUNK
+    col_hi = tl.minimum(col_lo + CHUNK, row_len)
+    row_start = tl.full([1], 0, tl.int64) + row * row_len
+    row_mask = tl.full([1], 1, tl.int1)
+    return row, row_start, row_mask, col_lo, col_hi
+
+
 @triton.jit(do_not_specialize=["row_len", "chunks_per_row", "p"])
 def _row_partials_kernel(
     # pointers
@@ -235,15 +251,10 @@ def _row_partials_kernel(
 ):
     """partials[pid] = power form of chunk ``pid % chunks_per_row`` of row
     ``pid // chunks_per_row`` (long rows)."""
-    pid = tl.program_id(0).to(tl.int64)
-    if ALIGNED:
-        row_len = (row_len // VEC) * VEC  # an identity, as in the fused kernel
-    row = pid // chunks_per_row
-    col_lo = (pid % chunks_per_row) * CHUNK
-    col_hi = tl.minimum(col_lo + CHUNK, row_len)
-    row_start = tl.full([1], 0, tl.int64) + row * row_len
-    row_mask = tl.full([1], 1, tl.int1)
+    _, row_start, row_mask, col_lo, col_hi = _row_chunk(row_len, chunks_per_row, CHUNK,
+                                                        ALIGNED, VEC)
     power = _row_power(x_ptr, row_start, row_mask, col_lo, col_hi, p, NORM, ACC, 1, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
     tl.store(partials_ptr + pid + tl.arange(0, 1), power)
 
 
@@ -295,14 +306,8 @@ def _row_scale_kernel(
     ALIGNED: tl.constexpr, VEC: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     """out = x * coef[row] over chunk ``pid % chunks_per_row`` of row ``pid // chunks_per_row``."""
-    pid = tl.program_id(0).to(tl.int64)
-    if ALIGNED:
-        row_len = (row_len // VEC) * VEC  # an identity, as in the fused kernel
-    row = pid // chunks_per_row
-    col_lo = (pid % chunks_per_row) * CHUNK
-    col_hi = tl.minimum(col_lo + CHUNK, row_len)
-    row_start = tl.full([1], 0, tl.int64) + row * row_len
-    row_mask = tl.full([1], 1, tl.int1)
+    row, row_start, row_mask, col_lo, col_hi = _row_chunk(row_len, chunks_per_row, CHUNK,
+                                                          ALIGNED, VEC)
     coef = tl.load(coef_ptr + row + tl.arange(0, 1))
     _scale_rows(x_ptr, out_ptr, row_start, row_mask, col_lo, col_hi, coef, DTYPE, ACC, BLOCK,
                 SOFT_BF16)

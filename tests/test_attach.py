@@ -140,7 +140,9 @@ def test_per_tensor_agc_and_value_in_order(backend):
     b, norms_b, _ = _train(SGD, attach_kwargs=dict(per_tensor_norm=0.3, agc=0.05,
                                                    clip_value=0.02, backend=backend))
     _same_params(a, b)
-    assert [float(x) for x in norms_a] == [float(y) for y in norms_b]
+    # The two runs' parameters may differ in the last bit (see _same_params), and so may the
+    # norms of the steps after the first.
+    assert [float(x) for x in norms_a] == pytest.approx([float(y) for y in norms_b], rel=1e-6)
 
 
 def test_adaptive_zclip_and_state_dict_resume():

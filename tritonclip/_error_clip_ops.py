@@ -22,6 +22,7 @@ import torch
 
 from tritonclip.kernels import error_clip as kernels
 
+from ._groups import dense_extent
 from .kernels.config import compute_dtype
 
 
@@ -70,24 +71,11 @@ def _n_rows(grad: torch.Tensor, dims) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t`` covers exactly ``t.numel()`` consecutive elements (a permutation of a
-    contiguous tensor): an elementwise or whole-tensor op may then run on its memory order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _flat_pair(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flat input, flat output, output) for an op that does not care about element order:
     a dense gradient is read in its own memory order and the output gets its strides
     (``empty_like`` keeps them), so nothing is copied; any other one is made contiguous."""
-    if not _dense(grad):
+    if not dense_extent(grad):
         grad = grad.contiguous()
     out = torch.empty_like(grad)  # same strides as a dense ``grad``
     n = grad.numel()
