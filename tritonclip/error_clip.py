@@ -250,35 +250,39 @@ def error_clip(
 # ---------------------------------------------------------------------------------------
 
 
-def _clip_outputs(output: Any, options: _Options) -> Any:
-    """``output`` with every floating-point tensor that requires grad passed through
-    :func:`error_clip`: tensors, and tensors inside tuples (named ones too, e.g. LSTM's
-    ``(out, (h, c))``), lists and dicts. Anything else is returned as is."""
+def _clip_outputs(output: Any, options: _Options, seen: set | None = None) -> Any:
+    """Hook a clip of the gradient onto every floating-point tensor of ``output`` that
+    requires grad (tensors, and tensors inside tuples, named tuples such as PackedSequence,
+    lists and dicts, e.g. LSTM's ``(out, (h, c))``), each tensor once; return ``output``.
+
+    A tensor hook, not :func:`error_clip`'s Function: the outputs stay the module's own
+    tensors (not views made by a Function), so the model may still modify them in place
+    (``ReLU(inplace=True)``, ``out += identity``); a hook registered before such a change
+    receives the gradient of the value it was registered on.
+    """
+    seen = set() if seen is None else seen
     if isinstance(output, torch.Tensor):
-        if output.is_floating_point() and output.requires_grad:
-            return _ErrorClipFunction.apply(output, options.spec(output))
-        return output
-    if isinstance(output, tuple):
-        items = [_clip_outputs(item, options) for item in output]
-        if type(output) is tuple:
-            return tuple(items)
-        if hasattr(output, "_fields"):  # namedtuple (PackedSequence)
-            return type(output)._make(items)
-        return type(output)(items)  # torch.return_types structseq
-    if isinstance(output, list):
-        return [_clip_outputs(item, options) for item in output]
-    if isinstance(output, dict):
-        return type(output)((k, _clip_outputs(v, options)) for k, v in output.items())
+        if output.is_floating_point() and output.requires_grad and id(output) not in seen:
+            seen.add(id(output))
+            spec = options.spec(output)
+            output.register_hook(lambda grad: _error_clip_ops.clip(grad, spec))
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            _clip_outputs(item, options, seen)
+    elif isinstance(output, dict):
+        for item in output.values():
+            _clip_outputs(item, options, seen)
     return output
 
 
 class ErrorClip(nn.Module):
     r"""Wrap ``module`` so that the gradient flowing back into each of its outputs is clipped.
 
-    ``ErrorClip(module, ...)(*args)`` returns ``module(*args)`` with every floating-point
-    tensor output that requires grad passed through :func:`error_clip` with the given
-    arguments (tuples, lists and dicts of tensors are walked, so ``nn.LSTMCell``'s
-    ``(h, c)`` both get clipped). Arguments are those of :func:`error_clip`, checked here.
+    ``ErrorClip(module, ...)(*args)`` returns ``module(*args)`` itself, with the clip of
+    :func:`error_clip` hooked onto the gradient of every floating-point output tensor that
+    requires grad (tuples, lists and dicts of tensors are walked, so ``nn.LSTMCell``'s
+    ``(h, c)`` both get clipped; the outputs may still be modified in place). Arguments are
+    those of :func:`error_clip`, checked here.
 
     Example::
 
