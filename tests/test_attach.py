@@ -307,3 +307,30 @@ def test_bad_group_entry_rejected_at_attach_and_at_step():
     with pytest.raises(TypeError):
         optimizer.step()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_a_step_with_a_closure_is_refused():
+    # The pre-hook would clip the previous gradients; the closure makes new ones.
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = tritonclip.attach(optimizer, max_norm=1.0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.ones(2, 3)).sum()
+        loss.backward()
+        return loss
+
+    closure()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="closure"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    optimizer.step()  # without a closure it clips and steps
+    handle.remove()
+
+
+def test_an_adaptive_clipper_of_another_norm_order_is_refused():
+    optimizer = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="norm_type"):
+        tritonclip.attach(optimizer, adaptive=tritonclip.ZClip(norm_type="inf"))

@@ -113,3 +113,22 @@ def test_empty_and_bad_arguments(tmp_path):
         tritonclip.GradNormMonitor([], top_k=-1)
     monitor.record()
     assert monitor.to_dict()["total_norm"] == [0.0]
+
+
+def test_to_dict_moves_the_records_to_the_host_once():
+    model = _model()
+    monitor = tritonclip.GradNormMonitor(model, top_k=2)
+    norms = []
+    for step in range(3):
+        _backward(model, seed=step)
+        norms.append(float(monitor.record(threshold=1.0)))
+    first = monitor.to_dict()
+    assert not monitor._norms  # the device records are released
+    _backward(model, seed=3)
+    norms.append(float(monitor.record()))
+    second = monitor.to_dict()
+    assert second["total_norm"] == pytest.approx(norms, rel=0, abs=0)
+    assert second["step"] == [0, 1, 2, 3] and second["threshold"][3] is None
+    assert second["top_k"][:3] == first["top_k"] and second["summary"]["steps"] == 4
+    with pytest.raises(RuntimeError, match="to_dict"):
+        monitor.annotate(threshold=2.0)  # the last step is already on the host

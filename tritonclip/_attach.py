@@ -135,6 +135,12 @@ def attach(
                         f"{type(adaptive).__name__}")
     if adaptive is not None and max_norm is not None:
         raise ValueError(f"give max_norm ({max_norm!r}) or adaptive, not both")
+    adaptive_order = getattr(adaptive, "norm_type", None)
+    if adaptive_order is not None and adaptive_order != _validate.norm_type_value(norm_type):
+        raise ValueError(
+            f"adaptive clips with norm_type {adaptive_order!r} but attach has norm_type "
+            f"{norm_type!r}: last_norm, skip_above and the monitor combine norms of one order"
+        )
     for flag, name in ((skip_nonfinite, "skip_nonfinite"), (fold, "fold")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -210,6 +216,13 @@ class ClipHandle:
     # -- hooks ----------------------------------------------------------------------------
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs):
+        # torch's step wrapper passes the optimizer itself as args[0]
+        if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
+            raise RuntimeError(
+                "attach() clips before optimizer.step() runs, but this step was given a "
+                "closure, which recomputes the gradients inside the step (LBFGS): clip "
+                "inside the closure instead (e.g. tritonclip.clip_grad_norm_ after backward)"
+            )
         self._check_unscaled(optimizer)
         _check_groups(optimizer)
         cfg = self.config

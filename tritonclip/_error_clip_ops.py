@@ -144,11 +144,18 @@ def _count(spec: Spec, clipped: torch.Tensor, seen: int) -> None:
         spec.counts[1].add_(seen)
 
 
+def _count_clamped(spec: Spec, grad: torch.Tensor) -> None:
+    """Count the elements a value clip changes; builds its temporaries only when counting."""
+    if spec.counts is not None:
+        with torch.no_grad():
+            x = grad.to(compute_dtype(grad.dtype))
+            _count(spec, (x < spec.lo) | (x > spec.hi), grad.numel())
+
+
 def _torch(grad: torch.Tensor, spec: Spec) -> torch.Tensor:
     acc = compute_dtype(grad.dtype)
     if spec.max_norm is None:
-        x = grad.to(acc)
-        _count(spec, (x < spec.lo) | (x > spec.hi), grad.numel())
+        _count_clamped(spec, grad)
         return grad.clamp(spec.lo, spec.hi)  # NaN stays NaN
     coef = _coefficients(_torch_norms(grad, spec.norm_type, spec.dims), spec)
     _count(spec, coef < 1.0, coef.numel())
@@ -159,9 +166,7 @@ def _differentiable(grad: torch.Tensor, spec: Spec) -> torch.Tensor:
     """The clip from differentiable torch ops (double backward): clamp passes the gradient
     where the value lies inside the bounds; the norm path differentiates through the norm."""
     if spec.max_norm is None:
-        with torch.no_grad():
-            x = grad.to(compute_dtype(grad.dtype))
-            _count(spec, (x < spec.lo) | (x > spec.hi), grad.numel())
+        _count_clamped(spec, grad)
         return grad.clamp(spec.lo, spec.hi)
     acc = compute_dtype(grad.dtype)
     norms = torch.linalg.vector_norm(grad, spec.norm_type, dim=spec.dims, keepdim=True,

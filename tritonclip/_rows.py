@@ -11,7 +11,6 @@ Layouts are cached by a signature of the tensor lists, as in ``_groups``.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import torch
@@ -20,7 +19,7 @@ from . import _torch_backend, _validate, kernels
 from ._groups import TRITON_DTYPES, interpreter_enabled, resolve_backend
 
 _CACHE_SIZE = 16
-_cache: collections.OrderedDict = collections.OrderedDict()
+_cache = kernels.LRUCache(_CACHE_SIZE)
 
 
 @dataclasses.dataclass
@@ -58,16 +57,11 @@ def layout(grads: list[torch.Tensor], params: list[torch.Tensor] | None, unitwis
            requested_backend: str) -> RowLayout:
     """The (cached) row layout of ``grads`` (with their ``params`` for AGC). Checks every
     tensor and builds every plan before returning, so errors come before any launch."""
+    if any(t.layout != torch.strided for t in grads + (params or [])):
+        # A sparse tensor has no address to key a cache by (an id can be reused).
+        return _build(grads, params, unitwise, requested_backend)
     key = _signature(grads, params, unitwise, requested_backend)
-    cached = _cache.get(key)
-    if cached is not None:
-        _cache.move_to_end(key)
-        return cached
-    result = _build(grads, params, unitwise, requested_backend)
-    _cache[key] = result
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return result
+    return _cache.get_or_build(key, lambda: _build(grads, params, unitwise, requested_backend))
 
 
 def clear_cache() -> None:
@@ -75,7 +69,7 @@ def clear_cache() -> None:
 
 
 def _describe(t: torch.Tensor):
-    if t.layout != torch.strided:
+    if t.layout != torch.strided:  # within one call only: such lists are never cached
         return (id(t), t.layout)
     return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 

@@ -240,6 +240,9 @@ class ZClip:
     value. One deliberate difference: a NaN or inf norm is left out of the statistics (and
     of the warm-up mean), where the reference would make every later threshold NaN; its
     gradients are left as the formula leaves them (a NaN norm is not above any threshold).
+    If *every* warm-up norm is NaN or inf there are no statistics to start from: they stay
+    NaN, and ZClip then only applies ``max_grad_norm`` (if set). Check the loss scale or
+    the warm-up length if that happens.
 
     Args:
         alpha (float): EMA smoothing factor, in (0, 1). Default: 0.97

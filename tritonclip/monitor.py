@@ -19,8 +19,10 @@ class GradNormMonitor:
 
     :meth:`record` costs one read of the gradients (total and per-tensor norms come from
     the same launch, see :func:`tritonclip.get_total_norm`) and a few tiny device ops; the
-    values stay device tensors, appended to lists, until :meth:`to_dict` or :meth:`plot`
-    copies them to the host at once (the only synchronisation).
+    values stay device tensors until :meth:`to_dict` or :meth:`plot` copies the steps
+    recorded since the last copy to the host at once (the only synchronisation) and drops
+    them from the device: logging every N steps costs O(N), and device memory holds at most
+    the steps since the last log. The host keeps a few numbers a step.
 
     Args:
         named_parameters (Module or iterable of (str, Tensor)): the parameters to watch,
@@ -70,6 +72,9 @@ class GradNormMonitor:
         self._top_values: list[torch.Tensor] = []
         self._top_names: list[tuple[list[int], torch.Tensor]] = []
         self._step = 0
+        # steps already copied to the host by to_dict()
+        self._host: dict[str, list] = {"step": [], "total_norm": [], "threshold": [],
+                                       "clip_coef": [], "nonfinite": [], "top_k": []}
 
     @torch.no_grad()
     def record(self, threshold: float | torch.Tensor | None = None,
@@ -109,7 +114,8 @@ class GradNormMonitor:
         """Set the threshold and/or the applied coefficient of the last recorded step (for
         clippers that decide them after the norm is known: AutoClip, ZClip)."""
         if not self._norms:
-            raise RuntimeError("annotate() before any record()")
+            raise RuntimeError("annotate() before any record(), or after to_dict() copied "
+                               "the last recorded step to the host")
         total = self._norms[-1]
         if threshold is not None:
             if not isinstance(threshold, torch.Tensor):  # a fill, not a host-to-device copy
@@ -123,7 +129,8 @@ class GradNormMonitor:
             self._coefs[-1] = coef.to(total.device, torch.float32, non_blocking=True)
 
     def to_dict(self) -> dict:
-        """Every recorded step as host lists, and a summary; one copy to the host.
+        """Every recorded step as host lists, and a summary. The steps recorded since the
+        last call are copied to the host at once (one synchronisation) and leave the device.
 
         Returns:
             ``{"step", "total_norm", "threshold", "clip_coef", "clipped", "nonfinite",
@@ -131,16 +138,26 @@ class GradNormMonitor:
             "max_norm", "nonfinite_steps"}}``; thresholds are ``None`` where unknown and
             coefficients 1.0.
         """
-        n = len(self._norms)
-        if n == 0:
-            return {"step": [], "total_norm": [], "threshold": [], "clip_coef": [],
-                    "clipped": [], "nonfinite": [], "top_k": [],
-                    "summary": {"steps": 0, "clip_fraction": 0.0, "max_norm": None,
-                                "nonfinite_steps": 0}}
+        self._flush()
+        host = self._host
+        n = len(host["step"])
+        clipped = [c < 1.0 for c in host["clip_coef"]]
+        finite = [x for x in host["total_norm"] if math.isfinite(x)]
+        result = {key: list(values) for key, values in host.items()}
+        result["clipped"] = clipped
+        result["summary"] = {"steps": n, "clip_fraction": sum(clipped) / n if n else 0.0,
+                             "max_norm": max(finite) if finite else None,
+                             "nonfinite_steps": sum(1 for c in host["nonfinite"] if c > 0)}
+        return result
+
+    def _flush(self) -> None:
+        """Move the device records to the host lists."""
+        if not self._norms:
+            return
         device = self._norms[0].device
         nan = torch.full((), math.nan, device=device)
         one = torch.ones((), device=device)
-        scalars = torch.stack([
+        norms, thresholds, coefs, nonfinite = torch.stack([
             torch.stack([x.to(device).float() for x in self._norms]),
             torch.stack([(t if t is not None else nan).to(device) for t in self._thresholds]),
             torch.stack([(c if c is not None else one).to(device) for c in self._coefs]),
@@ -148,33 +165,29 @@ class GradNormMonitor:
         ]).cpu().tolist()
         tops = [(values.cpu().tolist(), positions, indices.cpu().tolist())
                 for values, (positions, indices) in zip(self._top_values, self._top_names)]
-        norms, thresholds, coefs, nonfinite = scalars
-        clipped = [c < 1.0 for c in coefs]
-        top_k = [[(self.names[positions[i]], v) for v, i in zip(values, idx)]
-                 for values, positions, idx in tops]
-        finite = [x for x in norms if math.isfinite(x)]
-        return {
-            "step": list(self._steps),
-            "total_norm": norms,
-            "threshold": [None if math.isnan(t) else t for t in thresholds],
-            "clip_coef": coefs,
-            "clipped": clipped,
-            "nonfinite": [int(c) for c in nonfinite],
-            "top_k": top_k,
-            "summary": {"steps": n, "clip_fraction": sum(clipped) / n,
-                        "max_norm": max(finite) if finite else None,
-                        "nonfinite_steps": sum(1 for c in nonfinite if c > 0)},
-        }
+        host = self._host
+        host["step"] += self._steps
+        host["total_norm"] += norms
+        host["threshold"] += [None if math.isnan(t) else t for t in thresholds]
+        host["clip_coef"] += coefs
+        host["nonfinite"] += [int(c) for c in nonfinite]
+        host["top_k"] += [[(self.names[positions[i]], v) for v, i in zip(values, idx)]
+                          for values, positions, idx in tops]
+        for pending in (self._steps, self._norms, self._thresholds, self._coefs,
+                        self._nonfinite, self._top_values, self._top_names):
+            pending.clear()
 
     def plot(self, path: str, title: str | None = None) -> None:
         """Write a PNG of the total norm and the threshold over the steps (log scale)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # A Figure with its own Agg canvas: no pyplot, so the process's backend (a
+        # notebook's inline one) is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         data = self.to_dict()
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig = Figure(figsize=(8, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         steps = data["step"]
         ax.plot(steps, data["total_norm"], label="gradient norm", lw=1)
         if any(t is not None for t in data["threshold"]):
@@ -191,4 +204,3 @@ class GradNormMonitor:
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
