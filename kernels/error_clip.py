@@ -39,6 +39,7 @@ from .config import (
     soft_bf16_rounding,
     stream_config,
 )
+from .norm import norm_mode as _norm_mode
 from .plan import VECTOR_BYTES
 
 # Rows up to this many elements take the fused kernel. A program then reads a row twice;
@@ -59,16 +60,11 @@ CLAMP_CHUNK_BYTES = 16 * 1024
 
 
 def norm_mode(norm_type: float) -> int:
-    """The kernels' NORM constant for an order p > 0 or inf (what error clipping accepts)."""
-    if norm_type == 2.0:
-        return NORM_SUM_SQUARES.value
-    if norm_type == 1.0:
-        return NORM_SUM_ABS.value
-    if norm_type == float("inf"):
-        return NORM_MAX.value
+    """The kernels' NORM constant (``norm.norm_mode``) for an order p > 0 or inf (what error
+    clipping accepts)."""
     if not norm_type > 0:
         raise ValueError(f"row norms take an order p > 0 or inf, not {norm_type}")
-    return NORM_SUM_POW.value
+    return _norm_mode(norm_type)
 
 
 # ---------------------------------------------------------------------------------------

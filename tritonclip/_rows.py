@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from . import _torch_backend, _validate, kernels
+from . import _dispatch, _torch_backend, _validate, kernels
 from ._groups import TRITON_DTYPES, interpreter_enabled, resolve_backend
 
 _CACHE_SIZE = 16
@@ -233,7 +233,7 @@ def gather_items(layout_: RowLayout, values: list[torch.Tensor], n_inputs: int,
     groups = layout_.groups
     if (len(groups) == 1 and len(groups[0].items) == n_inputs
             and groups[0].items == list(range(n_inputs))):
-        return _move(values[0], device).float()
+        return _dispatch.move(values[0], device).float()
     out = torch.zeros(n_inputs, dtype=torch.float32, device=device)
     for gi, (group, value) in enumerate(zip(groups, values)):
         targets = [i for i, w in enumerate(layout_.where) if w is not None and w[0] == gi]
@@ -242,9 +242,7 @@ def gather_items(layout_: RowLayout, values: list[torch.Tensor], n_inputs: int,
         if index is None:
             index = (torch.tensor(targets, device=device), torch.tensor(sources, device=value.device))
             group.cache[("gather", str(device))] = index
-        out[index[0]] = _move(value[index[1]], device).float()
+        out[index[0]] = _dispatch.move(value[index[1]], device).float()
     return out
 
 
-def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device, non_blocking=device.type == "cuda")
