@@ -9,6 +9,7 @@ from .norm import (
     group_power,
     norm_clip,
     norm_partials,
+    unscale_norm_clip,
 )
 from .plan import (
     CHUNK,
@@ -50,4 +51,5 @@ __all__ = [
     "row_plan_cache",
     "scale_",
     "scale_each_",
+    "unscale_norm_clip",
 ]

@@ -106,12 +106,17 @@ def _reduce_partials(partials_ptr, start, end,
 
 
 @triton.jit
-def _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps,
-                   NORM: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
+def _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm, eps,
+                   NORM: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr):
     """Write the float32 norm of a power-form ``value`` (p = 0, 1, 2, inf or -inf, whose root
     is exact or a correctly rounded sqrt) and the clip coefficient min(max_norm / (norm +
     eps), 1), computed with IEEE-rounded sqrt and reciprocal exactly as the torch ops would;
-    with SKIP_NONFINITE a non-finite norm gives coefficient 1."""
+    with SKIP_NONFINITE a non-finite norm gives coefficient 1.
+
+    With UNSCALE (a GradScaler's unscale folded in: ``value`` is of the *scaled* gradients),
+    found[0] = 1.0 if that norm is not finite (else 0.0), the norm written is the scaled norm
+    times inv_scale[0], and the coefficient written is the clip coefficient of that norm
+    times inv_scale[0] (1 where found, with SKIP_NONFINITE): what the scale pass applies."""
     if NORM == NORM_SUM_SQUARES:
         if value.dtype == tl.float64:
             norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
@@ -122,12 +127,18 @@ def _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps,
         tl.static_assert(NORM != NORM_SUM_POW)
         norm = value
     norm = norm.to(tl.float32)
+    finite = (norm == norm) & (tl.abs(norm) != float("inf"))
+    if UNSCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+        tl.store(found_ptr, tl.where(finite, 0.0, 1.0))
+        norm = norm * inv_scale
     # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
     # same two roundings give the same coefficient, bit for bit.
     coef = tl.div_rn(1.0, norm + eps) * max_norm
     coef = tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    if UNSCALE:
+        coef = coef * inv_scale
     if SKIP_NONFINITE:
-        finite = (norm == norm) & (tl.abs(norm) != float("inf"))
         coef = tl.where(finite, coef, 1.0)
     tl.store(norm_ptr, norm)
     tl.store(coef_ptr, coef)
@@ -140,7 +151,7 @@ def _norm_kernel(
     # the two streams of a plan (see plan.Streams)
     first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
     # pointers
-    partials_ptr, counter_ptr, out_ptr, norm_ptr, coef_ptr,
+    partials_ptr, counter_ptr, out_ptr, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr,
     # order of the norm (NORM_SUM_POW only), as the bits of a float64: Triton passes Python
     # floats as float32, which would round p for float64 gradients
     p_bits,
@@ -150,6 +161,7 @@ def _norm_kernel(
     DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
     FUSED: tl.constexpr, EPILOGUE: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+    UNSCALE: tl.constexpr,
     FINALIZE_BLOCK: tl.constexpr,
 ):
     """partials[pid] = reduction over chunk ``pid`` of the plan's spans.
@@ -189,7 +201,8 @@ def _norm_kernel(
             value = _reduce_partials(partials_ptr, 0, n_programs, NORM, FINALIZE_BLOCK, ".cg")
             tl.store(out_ptr, value)
             if EPILOGUE:
-                _clip_epilogue(value, norm_ptr, coef_ptr, max_norm, eps, NORM, SKIP_NONFINITE)
+                _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm,
+                               eps, NORM, SKIP_NONFINITE, UNSCALE)
 
 
 @triton.jit
@@ -227,7 +240,8 @@ def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
 
 
 def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: bool = False,
-                 max_norm: float = 0.0, eps: float = 0.0, skip_nonfinite: bool = False):
+                 max_norm: float = 0.0, eps: float = 0.0, skip_nonfinite: bool = False,
+                 inv_scale: torch.Tensor | None = None, found: torch.Tensor | None = None):
     """(partials, out, norm, coef) after one launch of the norm kernel over ``plan``."""
     acc_dtype = accumulation_dtype(plan.dtype, norm_type)
     device = plan.device
@@ -243,9 +257,11 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
     with on_device(device):
         _norm_kernel[(streams.n_programs,)](
             *streams.args(), partials, plan.counter, out, norm, coef,
+            coef if inv_scale is None else inv_scale, coef if found is None else found,
             float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
             NORM=mode, ALIGNED=streams.first_aligned, FUSED=fused, EPILOGUE=epilogue,
-            SKIP_NONFINITE=skip_nonfinite, FINALIZE_BLOCK=finalize_config()[0],
+            SKIP_NONFINITE=skip_nonfinite, UNSCALE=inv_scale is not None,
+            FINALIZE_BLOCK=finalize_config()[0],
             **stream_meta(plan.dtype),
         )
     return partials, out, norm, coef
@@ -302,6 +318,30 @@ def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
         coef.fill_(1.0)
         norm.fill_(0.0)
     return norm, coef
+
+
+def unscale_norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
+                      skip_nonfinite: bool, inv_scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GradScaler's unscale folded into :func:`norm_clip`, in one launch over the *scaled*
+    gradients: returns (norm of the unscaled gradients, the factor to scale them by
+    (``coef * inv_scale``; 1 where found and ``skip_nonfinite``), found: 1.0 if the scaled
+    norm is not finite, else 0.0), float32 0-dim tensors; ``inv_scale`` is a float32
+    1-element tensor on the plan's device. The same values as the torch ops on the
+    unfused norm, bit for bit."""
+    if not fuses_coefficient(norm_type):
+        raise ValueError(f"unscale_norm_clip takes norm_type 0, 1, 2, inf or -inf, not "
+                         f"{norm_type}")
+    found = torch.empty((), dtype=torch.float32, device=plan.device)
+    _, _, norm, factor = _launch_norm(plan, norm_type, fused=True, epilogue=True,
+                                      max_norm=max_norm, eps=eps,
+                                      skip_nonfinite=skip_nonfinite, inv_scale=inv_scale,
+                                      found=found)
+    if plan.streams.n_programs == 0:
+        norm.fill_(0.0)
+        found.fill_(0.0)
+        factor.copy_(inv_scale.reshape(()))
+    return norm, factor, found
 
 
 def fuses_coefficient(norm_type: float) -> bool:

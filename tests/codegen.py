@@ -39,8 +39,9 @@ def _stream_pointers():
 
 # The norm kernel's modes: partials only (then a per-span finalize), the group's value by the
 # last program (FUSED), and that plus the clip epilogue (with or without SKIP_NONFINITE).
-_NORM_MODES = {"partials": (False, False, False), "fused": (True, False, False),
-               "clip": (True, True, False), "clip-skip": (True, True, True)}
+_NORM_MODES = {"partials": (False, False, False, False), "fused": (True, False, False, False),
+               "clip": (True, True, False, False), "clip-skip": (True, True, True, False),
+               "amp": (True, True, False, True), "amp-skip": (True, True, True, True)}
 
 
 def specializations():
@@ -53,17 +54,20 @@ def specializations():
             tag = f"{_TYPE[dtype]}-{'aligned' if aligned else 'unaligned'}"
             for norm_name, norm_type in _NORMS.items():
                 acc = _TYPE[norm.accumulation_dtype(dtype, norm_type)]
-                for mode, (fused, epilogue, skip) in _NORM_MODES.items():
+                for mode, (fused, epilogue, skip, unscale) in _NORM_MODES.items():
                     if epilogue and not norm.fuses_coefficient(norm_type):
                         continue
                     if skip and not (dtype == torch.float32 and aligned):
                         continue  # SKIP_NONFINITE changes one select: compiled once per norm
+                    if unscale and not (aligned and norm_name == "sumsq"):
+                        continue  # the AMP epilogue: a few more scalar ops, once per dtype
                     yield (f"norm-{mode}-{norm_name}-{tag}", norm._norm_kernel,
                            dict(_stream_pointers(), partials_ptr=f"*{acc}", counter_ptr="*i64",
                                 out_ptr=f"*{acc}", norm_ptr="*fp32", coef_ptr="*fp32",
+                                inv_scale_ptr="*fp32", found_ptr="*fp32",
                                 p_bits="i64", max_norm="fp32", eps="fp32"),
                            dict(common, NORM=norm.norm_mode(norm_type), FUSED=fused,
-                                EPILOGUE=epilogue, SKIP_NONFINITE=skip,
+                                EPILOGUE=epilogue, SKIP_NONFINITE=skip, UNSCALE=unscale,
                                 FINALIZE_BLOCK=finalize_config()[0]), warps)
             for suffix, skip in (("", True), ("-noskip", False)):
                 yield (f"scale-{tag}{suffix}", scale._scale_kernel,

@@ -40,11 +40,12 @@ def test_every_specialization_compiled(report):
     from codegen import specializations
     names = {name for name, *_ in specializations()}
     # norm, per dtype and alignment: 6 orders x (partials, fused), 5 (not sumpow) with the
-    # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); 2 scales (skip at >= 1 or
+    # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); the AMP epilogue (sumsq,
+    # aligned) per dtype, and with SKIP_NONFINITE for fp32; 2 scales (skip at >= 1 or
     # not), 2 per-span scales (scale_each), 1 clamp (+1 with an i32 bound for fp32);
     # finalize: 11 (norm, partials dtype) pairs
     core = {name for name in names if not name.startswith("ec_")}
-    assert len(core) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 2 + 11
+    assert len(core) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 4 + 1 + 2 + 11
     # error clipping: per dtype and alignment 1 clamp, 1 fused row clip, 1 row scale; row
     # partials for fp32/bf16 (2 x 2); float32 aligned extras (counting clamp, narrow tile,
     # 3 other norms, counting row clip, max partials); a bf16 narrow tile; 5 finalizes
@@ -89,7 +90,7 @@ def test_last_program_handshake_is_ordered(report):
     # The fused norm's last program may read the partials only after every program's store:
     # a barrier before an acquire-release GPU-scope atomic, and loads that bypass L1.
     for name, info in report.items():
-        fused = "/norm-fused-" in name or "/norm-clip" in name
+        fused = "/norm-fused-" in name or "/norm-clip" in name or "/norm-amp" in name
         if fused:
             assert info["acq_rel_atomics"] == 1 and info["barriers"] > 0, (name, info)
             assert info["cg_loads"] > 0, (name, info)
@@ -100,7 +101,7 @@ def test_last_program_handshake_is_ordered(report):
 def test_clip_epilogue_uses_ieee_division_and_sqrt(report):
     # The coefficient must match torch's bit for bit: approximate div/sqrt would not.
     for name, info in report.items():
-        if "/norm-clip" in name:
+        if "/norm-clip" in name or "/norm-amp" in name:
             sqrt_rn, div_rn = info["ieee_sqrt_div"]
             assert div_rn, name
             if "-sumsq-fp32" in name:

@@ -294,3 +294,37 @@ def test_the_counter_counts_every_arrival():
     values = [kernels.group_power(plan, 2.0) for _ in range(4)]
     assert plan.counter.item() == 4 * plan.streams.n_programs == 12
     assert all(torch.equal(v, values[0]) for v in values)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("poison", [None, "inf", "nan"])
+def test_unscale_norm_clip_equals_the_torch_ops(skip, norm_type, poison):
+    # The AMP epilogue against the recipe it replaces: the norm of the scaled gradients,
+    # then torch ops for found_inf, the unscaled norm, the coefficient and the factor.
+    g = random_grads([70001], torch.float32, seed=8, scale=512.0)[0]
+    if poison:
+        g[7] = float(poison)
+    plan = kernels.plan_cache.get(_spans([g]), g.device, torch.float32)
+    for inv in (2.0**-9, 2.0**-16, 1.0):
+        inv_scale = torch.tensor(inv)
+        total, factor, found = kernels.unscale_norm_clip(plan, norm_type, 0.5, 1e-6, skip,
+                                                         inv_scale)
+        scaled, _ = kernels.norm_clip(plan, norm_type, 1.0, 0.0, False)
+        expected_found = (~torch.isfinite(scaled)).float()
+        expected_total = scaled * inv_scale
+        expected = torch.clamp(0.5 / (expected_total + 1e-6), max=1.0) * inv_scale
+        if skip:
+            expected = torch.where(expected_found > 0, torch.ones_like(expected), expected)
+        assert torch.equal(found, expected_found)
+        assert torch.equal(total, expected_total) or (total.isnan() and expected_total.isnan())
+        assert torch.equal(factor, expected) or (factor.isnan() and expected.isnan())
+
+
+def test_amp_unscale_and_clip_is_two_launches(launches):
+    from tritonclip import amp
+
+    flat = random_grads([4000], torch.float32, seed=2, scale=100.0)[0]
+    grads = [flat[:1024], flat[1025:2000], flat[2004:4000]]
+    amp.unscale_and_clip_grads_(grads, torch.tensor(2.0**-8), 1.0, backend="triton")
+    assert len(launches) == 2, launches

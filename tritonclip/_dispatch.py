@@ -274,10 +274,15 @@ def norm_and_coefficient(tensors: list[torch.Tensor], groups: list[Group], norm_
     return total, clip_coefficient(total, max_norm, eps, skip_nonfinite)
 
 
+def fused_group(tensors, groups, norm_type) -> Group | None:
+    """The group whose norm kernel alone gives the float32 norm (and clip coefficient), or
+    None: there must be one Triton group of dense spans, on the first tensor's device, and
+    an order > 0 whose root the kernel takes exactly (1, 2, inf)."""
+    working = [g for g in groups if g.spans or g.others]
+    return working[0] if _fuses(tensors, working, norm_type) else None
+
+
 def _fuses(tensors, groups, norm_type) -> bool:
-    """Whether the norm kernel alone gives the float32 norm (and clip coefficient): one
-    Triton group of dense spans, on the first tensor's device, and an order > 0 whose root
-    the kernel takes exactly (1, 2, inf)."""
     working = [g for g in groups if g.spans or g.others]
     return (len(tensors) > 0 and len(working) == 1 and working[0].backend == "triton" and not working[0].others
             and shows_nonfinite(norm_type) and working[0].device == tensors[0].device

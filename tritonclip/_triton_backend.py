@@ -54,6 +54,14 @@ def norm_and_coefficient(group: Group, norm_type: float, max_norm: float, eps: f
     return kernels.norm_clip(_plan(group), norm_type, max_norm, eps, skip_nonfinite)
 
 
+def unscale_norm_and_factor(group: Group, norm_type: float, max_norm: float, eps: float,
+                            skip_nonfinite: bool, inv_scale: torch.Tensor):
+    """(unscaled norm, scale factor, found_inf) of a group of dense scaled gradients: one
+    launch (see ``kernels.unscale_norm_clip``)."""
+    return kernels.unscale_norm_clip(_plan(group), norm_type, max_norm, eps, skip_nonfinite,
+                                     inv_scale)
+
+
 def scale_(group: Group, coef: torch.Tensor, foreach: bool | None,
            skip_at_least_one: bool = True) -> None:
     """One launch; every program returns at once when coef >= 1 (if ``skip_at_least_one``)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _dispatch, _sharding, _validate
+from . import _dispatch, _sharding, _triton_backend, _validate
 from ._groups import group_tensors
 
 __all__ = ["unscale_and_clip_", "unscale_and_clip_grads_"]
@@ -78,14 +78,23 @@ def unscale_and_clip_grads_(
     if not grads:
         return torch.zeros((), device=device), torch.zeros((), device=device)
 
-    scaled_norm = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
-    found_inf = nonfinite_flag(scaled_norm)
-    total = scaled_norm * inv_scale
-    _dispatch.check_nonfinite(total, mode, norm_type)
-    coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=False)
-    factor = coef * inv_scale
-    if mode == "skip":
-        factor = torch.where(found_inf > 0, torch.ones_like(factor), factor)
+    group = None if _sharding.has_dtensor(grads) else _dispatch.fused_group(local, groups,
+                                                                            norm_type)
+    if group is not None:
+        # One launch gives the unscaled norm, the factor and found_inf (the same values as
+        # the torch ops below, bit for bit): with the scale, two launches in all.
+        total, factor, found_inf = _triton_backend.unscale_norm_and_factor(
+            group, norm_type, max_norm, eps, mode == "skip", inv_scale)
+        _dispatch.check_nonfinite(total, mode, norm_type)
+    else:
+        scaled_norm = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
+        found_inf = nonfinite_flag(scaled_norm)
+        total = scaled_norm * inv_scale
+        _dispatch.check_nonfinite(total, mode, norm_type)
+        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=False)
+        factor = coef * inv_scale
+        if mode == "skip":
+            factor = torch.where(found_inf > 0, torch.ones_like(factor), factor)
     _dispatch.scale_(groups, factor, foreach, skip_at_least_one=False)
     return total, found_inf
 
