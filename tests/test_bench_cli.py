@@ -75,3 +75,12 @@ def test_model_shape_sets_have_the_published_sizes():
     assert shapes.numel(shapes.gpt2_small()) == 124_439_808
     assert shapes.numel(shapes.vit_b16()) == 86_567_656
     assert shapes.numel(shapes.llama_7b()) == 6_738_415_616
+
+
+def test_quick_runs_the_core_ops_and_full_runs_every_op():
+    quick = cli.parse_args(["--quick"])
+    full = cli.parse_args([])
+    device = torch.device("cpu")
+    assert cli._selection(quick, device)[4] == list(cases.QUICK_OPS)
+    assert cli._selection(full, device)[4] == list(cases.OPS)
+    assert set(cases.OPS) - set(cases.QUICK_OPS) == {"per_tensor", "agc"}

@@ -49,6 +49,9 @@ import tritonclip.amp
 from . import shapes as shape_sets
 
 OPS = ("active", "inactive", "norm", "value", "amp", "step", "per_tensor", "agc")
+# --quick's default: the global-norm, value and AMP clips (the README's main job, in about a
+# minute on the CPU); per_tensor and agc run in full runs or with --ops.
+QUICK_OPS = OPS[:6]
 # The step case compares these instead of the usual implementations.
 STEP_IMPLS = ("tritonclip", "torch-foreach", "optimizer-only")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,

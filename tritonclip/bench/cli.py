@@ -41,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", default="all",
                         help="comma-separated: model names (%s), 'one-tensor', 'many-small', "
                              "or 'all'" % ", ".join(cases.shape_sets.MODELS))
-    parser.add_argument("--ops", default=",".join(cases.OPS),
-                        help="comma-separated subset of %s" % ", ".join(cases.OPS))
+    parser.add_argument("--ops", default=None,
+                        help="comma-separated subset of %s (default: all; with --quick: %s)"
+                             % (", ".join(cases.OPS), ", ".join(cases.QUICK_OPS)))
     parser.add_argument("--dtype", default=None,
                         help="comma-separated subset of %s (default: bf16 on a GPU, fp32 on "
                              "the CPU; 'all' for every one)" % ", ".join(cases.DTYPES))
@@ -73,7 +74,7 @@ def _selection(args, device):
     for name in names:
         if name not in cases.DTYPES:
             sys.exit(f"tritonclip-bench: unknown dtype {name!r}; choose from {list(cases.DTYPES)}")
-    ops = args.ops.split(",")
+    ops = args.ops.split(",") if args.ops else list(cases.QUICK_OPS if args.quick else cases.OPS)
     for op in ops:
         if op not in cases.OPS:
             sys.exit(f"tritonclip-bench: unknown op {op!r}; choose from {list(cases.OPS)}")
