@@ -24,8 +24,7 @@ from .plan import (
     plan_cache,
 )
 from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
-from .scale import scale_
-from .scale_each import scale_each_
+from .scale import scale_, scale_each_
 
 __all__ = [
     "CHUNK",

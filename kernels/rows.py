@@ -4,7 +4,7 @@ A row is ``row_len`` consecutive elements of a contiguous tensor: the first-dime
 a weight (unit-wise norms, AGC) or the whole tensor (per-tensor norms, ``n_rows = 1``). The
 plan is an ordinary :class:`~.plan.LaunchPlan` with one span per row and one finalize segment
 per row, so the existing ``norm_partials`` and ``finalize`` kernels give every row's norm in
-two launches, and ``scale_each_`` scales every row by its own coefficient in one.
+two launches, and ``scale.scale_each_`` scales every row by its own coefficient in one.
 
 The table is built with vectorized torch ops from one (address, n_rows, row_len) entry per
 tensor, never with a Python loop over rows (an embedding has 50k of them), and is cached by
@@ -32,9 +32,9 @@ class RowPlan:
     """A launch plan over rows, plus what per-row coefficients need."""
 
     plan: LaunchPlan  # spans = rows; finalize segment 1 + r is row r
-    order: torch.Tensor  # int64 [n_rows]: row index of each span, launches concatenated
+    order: torch.Tensor  # int64 [n_rows]: row index of each span, launches concatenated (the
+    # numbering of plan.Streams: the first stream's spans, then the second's)
     n_rows: int
-    span_offsets: tuple[int, ...]  # per launch: index of its first span in ``order``
 
 
 def _arange_within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +90,7 @@ def build_row_plan(entries: Sequence[tuple[int, int, int]], device: torch.device
     plan = LaunchPlan(device, dtype, launches, n_partials,
                       flat[seg_offset:seg_offset + 2 * n_segments].view(-1, 2), n_segments,
                       flat[-1:])
-    span_offsets = tuple(sum(entry[2] for entry in layout[:i]) for i in range(len(layout)))
-    return RowPlan(plan, flat[seg_offset + 2 * n_segments:-1], total_rows, span_offsets)
+    return RowPlan(plan, flat[seg_offset + 2 * n_segments:-1], total_rows)
 
 
 class RowPlanCache(LRUCache):

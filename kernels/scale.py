@@ -1,4 +1,5 @@
-"""In-place multi-tensor scale by a coefficient that lives in device memory."""
+"""In-place multi-tensor scale by a coefficient that lives in device memory: one for the
+whole plan, or one per span (row) of a row plan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import triton.language as tl
 from ._helpers import chunk_bounds, store_cast
 from .config import on_device, soft_bf16_rounding, stream_meta
 from .plan import LaunchPlan
+from .rows import RowPlan
 
 
 @triton.jit
@@ -21,27 +23,46 @@ def _scale_chunk(base, start, end, coef, DTYPE: tl.constexpr, ACC: tl.constexpr,
         tl.store(base + offs, store_cast(x.to(ACC) * coef, DTYPE, SOFT_BF16), mask=mask)
 
 
+@triton.jit
+def _span_coefficient(first_table, first_spans, first_chunks, second_table, second_spans,
+                      pid, order_ptr, coef_ptr):
+    """coef[order[s]] for the span ``s`` of chunk ``pid`` (spans numbered across both
+    streams, as a RowPlan's ``order`` numbers them)."""
+    in_first = pid < first_chunks
+    span = tl.where(
+        in_first,
+        tl.load(first_table + 2 * first_spans + pid, mask=in_first, other=0),
+        first_spans + tl.load(second_table + 2 * second_spans + (pid - first_chunks),
+                              mask=pid >= first_chunks, other=0))
+    return tl.load(coef_ptr + tl.load(order_ptr + span))
+
+
 # Sizes are not specialized: one compilation per (dtype, alignment) serves every model.
 @triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks"])
 def _scale_kernel(
     # the two streams of a plan (see plan.Streams)
     first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
-    # pointers
-    coef_ptr,
+    # pointers: the coefficient (PER_SPAN: one per row, and the span -> row map)
+    coef_ptr, order_ptr,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
-    SOFT_BF16: tl.constexpr, SKIP_AT_LEAST_ONE: tl.constexpr,
+    SOFT_BF16: tl.constexpr, SKIP_AT_LEAST_ONE: tl.constexpr, PER_SPAN: tl.constexpr,
 ):
-    """g *= coef over chunk ``pid`` of the plan; with SKIP_AT_LEAST_ONE (clipping), nothing is
-    touched when coef >= 1. Without it (an AMP unscale folded in) every coefficient applies."""
-    coef = tl.load(coef_ptr)
+    """g *= coef over chunk ``pid`` of the plan (with PER_SPAN, the coefficient of the chunk's
+    span: a chunk lies in one span); with SKIP_AT_LEAST_ONE (clipping), nothing is touched
+    when coef >= 1. Without it (an AMP unscale folded in) every coefficient applies."""
+    pid = tl.program_id(0).to(tl.int64)
+    if PER_SPAN:
+        coef = _span_coefficient(first_table, first_spans, first_chunks, second_table,
+                                 second_spans, pid, order_ptr, coef_ptr)
+    else:
+        coef = tl.load(coef_ptr)
     # Clipping inactive: return before reading any gradient, so the scale pass costs one
     # 4-byte load per program. A NaN coefficient does not compare >= 1 and propagates.
     if SKIP_AT_LEAST_ONE and coef >= 1.0:
         return
     coef = coef.to(ACC)
-    pid = tl.program_id(0).to(tl.int64)
     if pid < first_chunks:
         base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
                                         DTYPE, CHUNK, ALIGNED, VEC)
@@ -52,17 +73,35 @@ def _scale_kernel(
         _scale_chunk(base, start, end, coef, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
-def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
-    """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
-    plan's device), in one launch. With ``skip_at_least_one`` (a clip coefficient) a
-    coefficient >= 1 leaves the memory untouched; without it (e.g. an unscale by 1/scale
-    folded in) it is applied."""
+def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
+            skip_at_least_one: bool) -> None:
     streams = plan.streams
     if streams.n_programs == 0:
         return
     with on_device(plan.device):
         _scale_kernel[(streams.n_programs,)](
-            *streams.args(), coef, ALIGNED=streams.first_aligned,
-            SOFT_BF16=soft_bf16_rounding(), SKIP_AT_LEAST_ONE=skip_at_least_one,
+            *streams.args(), coef, coef if order is None else order,
+            ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
+            SKIP_AT_LEAST_ONE=skip_at_least_one, PER_SPAN=order is not None,
             **stream_meta(plan.dtype),
         )
+
+
+def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
+    """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
+    plan's device), in one launch. With ``skip_at_least_one`` (a clip coefficient) a
+    coefficient >= 1 leaves the memory untouched; without it (e.g. an unscale by 1/scale
+    folded in) it is applied."""
+    _launch(plan, coef, None, skip_at_least_one)
+
+
+def scale_each_(rows: RowPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
+    """Multiply row ``r`` of ``rows`` in place by ``coef[r]``, in one launch.
+
+    ``coef`` is a 1-D tensor of ``rows.n_rows`` coefficients on the plan's device, float32
+    (float64 for float64 rows, so that their coefficient keeps its precision). With
+    ``skip_at_least_one`` rows whose coefficient is >= 1 are left untouched, unread.
+    """
+    if coef.dim() != 1 or coef.numel() != rows.n_rows:
+        raise ValueError(f"coef must hold {rows.n_rows} coefficients, got shape {tuple(coef.shape)}")
+    _launch(rows.plan, coef, rows.order, skip_at_least_one)

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tritonclip.kernels import clamp, norm, scale, scale_each
+from tritonclip.kernels import clamp, norm, scale
 from tritonclip.kernels import error_clip as ec
 from tritonclip.kernels.config import finalize_config, stream_config, stream_meta
 
@@ -70,15 +70,18 @@ def specializations():
                                 EPILOGUE=epilogue, SKIP_NONFINITE=skip, UNSCALE=unscale,
                                 FINALIZE_BLOCK=finalize_config()[0]), warps)
             for suffix, skip in (("", True), ("-noskip", False)):
+                # one coefficient (scale_; the unused order pointer is the coefficient's)
                 yield (f"scale-{tag}{suffix}", scale._scale_kernel,
-                       dict(_stream_pointers(), coef_ptr="*fp32"),
-                       dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip), warps)
+                       dict(_stream_pointers(), coef_ptr="*fp32", order_ptr="*fp32"),
+                       dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip, PER_SPAN=False),
+                       warps)
             coef = "fp64" if dtype == torch.float64 else "fp32"
             for suffix, skip in (("", True), ("-noskip", False)):
-                yield (f"scale_each-{tag}{suffix}", scale_each._scale_each_kernel,
-                       {"table_ptr": "*i64", "order_ptr": "*i64", "coef_ptr": f"*{coef}",
-                        "n_spans": "i32", "n_chunks": "i32", "span_offset": "i32"},
-                       dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip), warps)
+                # a coefficient per row (scale_each_)
+                yield (f"scale_each-{tag}{suffix}", scale._scale_kernel,
+                       dict(_stream_pointers(), coef_ptr=f"*{coef}", order_ptr="*i64"),
+                       dict(common, SOFT_BF16=False, SKIP_AT_LEAST_ONE=skip, PER_SPAN=True),
+                       warps)
             yield (f"clamp-{tag}", clamp._clamp_kernel,
                    dict(_stream_pointers(), lo_bits="i64", hi_bits="i64"),
                    dict(common, SOFT_BF16=False), warps)
@@ -172,7 +175,7 @@ def compile_report(arch: int, name, kernel, signature, constexprs, num_warps) ->
     # no alignment.
     attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items())
              if kind.startswith("*")
-             and not arg.endswith(("table", "table_ptr", "segments_ptr", "counter_ptr", "order_ptr"))}
+             and not arg.endswith(("table", "segments_ptr", "counter_ptr", "order_ptr"))}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps})

@@ -42,7 +42,7 @@ def test_every_specialization_compiled(report):
     # norm, per dtype and alignment: 6 orders x (partials, fused), 5 (not sumpow) with the
     # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); the AMP epilogue (sumsq,
     # aligned) per dtype, and with SKIP_NONFINITE for fp32; 2 scales (skip at >= 1 or
-    # not), 2 per-span scales (scale_each), 1 clamp (+1 with an i32 bound for fp32);
+    # not), 2 per-span scales (scale_each_: PER_SPAN), 1 clamp (+1 with an i32 bound for fp32);
     # finalize: 11 (norm, partials dtype) pairs
     core = {name for name in names if not name.startswith("ec_")}
     assert len(core) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 4 + 1 + 2 + 11
