@@ -49,7 +49,8 @@ def has_dtensor(tensors: list[torch.Tensor]) -> bool:
 
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each DTensor replaced by its local tensor (the same memory: scaling it in place
-    scales the DTensor); plain tensors as they are."""
+    scales the DTensor); plain tensors as they are. Without any DTensor, ``tensors`` itself
+    is returned, so ``local_tensors(ts) is not ts`` says whether there are DTensors."""
     if not has_dtensor(tensors):
         return tensors
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
@@ -58,8 +59,6 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def check_no_partial(tensors: list[torch.Tensor], name: str) -> None:
     """``ValueError`` for a DTensor with a ``Partial`` placement: a value clip of its addends
     would not bound their sum."""
-    if not has_dtensor(tensors):
-        return
     for index, t in enumerate(tensors):
         if is_dtensor(t) and any(p.is_partial() for p in t.placements):
             raise ValueError(

@@ -169,3 +169,11 @@ def backend_name(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def norm_clip_args(max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach):
+    """The checked arguments every global-norm clip takes: (max_norm, norm_type, eps, mode,
+    foreach)."""
+    return (nonnegative(max_norm, "max_norm"), norm_type_value(norm_type),
+            nonnegative(eps, "eps", allow_inf=False),
+            nonfinite_mode(nonfinite, error_if_nonfinite), foreach_value(foreach))

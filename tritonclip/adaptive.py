@@ -152,7 +152,7 @@ class AutoClip:
         grads, groups = _gradients(parameters, self.backend)
         norm = _dispatch.total_norm(grads, groups, self.norm_type, self.foreach)
         threshold = self._record(norm)
-        coef = torch.clamp(threshold / (norm + self.eps), max=1.0)
+        coef = _dispatch.clip_coefficient(norm, threshold, self.eps, skip_nonfinite=False)
         if grads:
             _dispatch.scale_(groups, coef, self.foreach)
         self.last_threshold, self.last_coef = threshold, coef
@@ -346,7 +346,8 @@ class ZClip:
             self.last_threshold = torch.full_like(norm, math.inf)
             return None
         self.last_threshold = torch.full_like(norm, self.max_grad_norm)
-        return torch.clamp(self.max_grad_norm / (norm + _CLIP_EPS), max=1.0)
+        return _dispatch.clip_coefficient(norm, self.max_grad_norm, _CLIP_EPS,
+                                          skip_nonfinite=False)
 
     def _clip_and_update(self, norm: torch.Tensor) -> torch.Tensor:
         mean = _dispatch.move(self.mean, norm.device)

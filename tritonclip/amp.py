@@ -62,11 +62,8 @@ def unscale_and_clip_grads_(
         the first gradient's device) and 1.0 if any gradient is inf or NaN, else 0.0 (float32,
         0-dim, same device).
     """
-    max_norm = _validate.nonnegative(max_norm, "max_norm")
-    norm_type = _validate.norm_type_value(norm_type)
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    mode = _validate.nonfinite_mode(nonfinite, False)
-    foreach = _validate.foreach_value(foreach)
+    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+        max_norm, norm_type, eps, nonfinite, False, foreach)
     if not isinstance(inv_scale, torch.Tensor) or inv_scale.numel() != 1:
         raise TypeError(f"inv_scale must be a one-element tensor, got {inv_scale!r}")
     backend = _validate.backend_name(backend)
@@ -78,8 +75,7 @@ def unscale_and_clip_grads_(
     if not grads:
         return torch.zeros((), device=device), torch.zeros((), device=device)
 
-    group = None if _sharding.has_dtensor(grads) else _dispatch.fused_group(local, groups,
-                                                                            norm_type)
+    group = None if local is not grads else _dispatch.fused_group(local, groups, norm_type)
     if group is not None:
         # One launch gives the unscaled norm, the factor and found_inf (the same values as
         # the torch ops below, bit for bit): with the scale, two launches in all.

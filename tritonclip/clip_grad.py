@@ -96,10 +96,11 @@ def get_total_norm(
     foreach = _validate.foreach_value(foreach)
     backend = _validate.backend_name(backend)
     pairs = distributed.pairs_of(process_group, "tensors")
-    groups = group_tensors(_sharding.local_tensors(tensors), backend, name="tensors")
+    local = _sharding.local_tensors(tensors)
+    groups = group_tensors(local, backend, name="tensors")
     if pairs is not None:
         _same_members(tensors, pairs, "tensors")
-    sharded = pairs is not None or _sharding.has_dtensor(tensors)
+    sharded = pairs is not None or local is not tensors  # (local is a new list: DTensors)
     if per_tensor and (sharded or norm_filter is not None):
         raise ValueError("per_tensor=True takes plain tensors, a single process_group and no "
                          "norm_filter (per-tensor norms of shards would be the shards' norms)")
@@ -246,19 +247,17 @@ def clip_grad_norm_(
           grads) is counted once in the norm and scaled once.
     """
     parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
-    max_norm = _validate.nonnegative(max_norm, "max_norm")
-    norm_type = _validate.norm_type_value(norm_type)
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
-    foreach = _validate.foreach_value(foreach)
+    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+        max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
     backend = _validate.backend_name(backend)
     pairs = distributed.pairs_of(process_group, "parameters")
     grads = _validate.grads_of(parameters)
-    groups = group_tensors(_sharding.local_tensors(grads), backend, purpose="scale")
+    local = _sharding.local_tensors(grads)
+    groups = group_tensors(local, backend, purpose="scale")
     skip = mode == "skip"
     if pairs is not None:
         _same_members(parameters, pairs, "parameters")
-    if pairs is not None or _sharding.has_dtensor(grads):
+    if pairs is not None or local is not grads:  # (local is a new list: DTensors)
         device = groups[0].device if groups else torch.device("cpu")
         total = _sharded_norm(parameters, pairs, process_group, norm_type, foreach, backend,
                               device, norm_filter, _validate.grads_of, "gradients")
@@ -309,8 +308,8 @@ def clip_grad_value_(
     low, high = _validate.value_bounds(clip_value, lo, hi)
     foreach = _validate.foreach_value(foreach)
     grads = _validate.grads_of(parameters)
-    if _sharding.has_dtensor(grads):
+    local = _sharding.local_tensors(grads)
+    if local is not grads:  # DTensors
         _sharding.check_no_partial(grads, "gradients")
-        grads = _sharding.local_tensors(grads)
-    groups = group_tensors(grads, _validate.backend_name(backend), purpose="clamp")
+    groups = group_tensors(local, _validate.backend_name(backend), purpose="clamp")
     _dispatch.clamp_(groups, low, high, foreach)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import _validate
+from . import _dispatch, _validate
 from .clip_grad import get_total_norm
 
 __all__ = ["GradNormMonitor"]
@@ -124,7 +124,8 @@ class GradNormMonitor:
             self._thresholds[-1] = threshold.to(total.device, torch.float32,
                                                 non_blocking=True)
         if coef is None and self._thresholds[-1] is not None:
-            coef = torch.clamp(self._thresholds[-1] / (total + self.eps), max=1.0)
+            coef = _dispatch.clip_coefficient(total, self._thresholds[-1], self.eps,
+                                              skip_nonfinite=False)
         if coef is not None:
             self._coefs[-1] = coef.to(total.device, torch.float32, non_blocking=True)
 

@@ -92,10 +92,8 @@ def clip_into_(
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return clip_grad_norm_(params, max_norm, norm_type, **extras)
 
-    max_norm = _validate.nonnegative(max_norm, "max_norm")
-    norm_type = _validate.norm_type_value(norm_type)
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    foreach = _validate.foreach_value(foreach)
+    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+        max_norm, norm_type, eps, mode, False, foreach)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     backend = _validate.backend_name(backend)
     grads = _validate.grads_of(params)
@@ -114,7 +112,7 @@ def clip_into_(
         optimizer.grad_scale = _dispatch.move(scale, device).float() / coef
         amp.end_unscale(state, amp.nonfinite_flag(scaled), grads)
     else:
-        if _sharding.has_dtensor(grads):
+        if local is not grads:  # DTensors
             total = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
             coef = _dispatch.clip_coefficient(total, max_norm, eps,
                                               skip_nonfinite=mode == "skip")

@@ -58,11 +58,9 @@ def clip_grad_norm_per_tensor_(
     ``ValueError``: each must be scaled by its own coefficient.
     """
     parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
-    max_norm = _validate.nonnegative(max_norm, "max_norm")
     norm_type = positive_norm_type(norm_type)
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
-    foreach = _validate.foreach_value(foreach)
+    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+        max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
     grads = _validate.grads_of(parameters)
     layout = _rows.layout(grads, None, False, _validate.backend_name(backend))
     device = grads[0].device if grads else torch.device("cpu")
