@@ -89,7 +89,30 @@ def _device_tensor(t: torch.Tensor | None, device: torch.device) -> torch.Tensor
     return None if t is None else _dispatch.move(t, device)
 
 
-class AutoClip:
+class _HistoryClipper:
+    """What AutoClip and ZClip share: a step takes the global norm, asks the subclass for a
+    coefficient from it (``_coefficient``; None: leave the gradients alone) and scales."""
+
+    @torch.no_grad()
+    def step(self, parameters: TensorOrTensors) -> torch.Tensor:
+        """Clip the gradients of ``parameters`` by the current threshold and update the
+        history.
+
+        Returns:
+            The total norm before clipping (float32, 0-dim, on the first gradient's device).
+        """
+        grads, groups = _gradients(parameters, self.backend)
+        norm = _dispatch.total_norm(grads, groups, self.norm_type, self.foreach)
+        coef = self._coefficient(norm)
+        if grads and coef is not None:
+            _dispatch.scale_(groups, coef, self.foreach)
+        self.last_coef = coef if coef is not None else torch.ones_like(norm)
+        return norm
+
+    __call__ = step
+
+
+class AutoClip(_HistoryClipper):
     r"""AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks"): clip the global norm to a percentile of the norms seen so far.
 
@@ -142,23 +165,11 @@ class AutoClip:
         self.last_threshold: torch.Tensor | None = None
         self.last_coef: torch.Tensor | None = None
 
-    @torch.no_grad()
-    def step(self, parameters: TensorOrTensors) -> torch.Tensor:
-        """Record the gradients' norm, then clip them to the percentile of the history.
-
-        Returns:
-            The total norm before clipping (float32, 0-dim, on the first gradient's device).
-        """
-        grads, groups = _gradients(parameters, self.backend)
-        norm = _dispatch.total_norm(grads, groups, self.norm_type, self.foreach)
-        threshold = self._record(norm)
-        coef = _dispatch.clip_coefficient(norm, threshold, self.eps, skip_nonfinite=False)
-        if grads:
-            _dispatch.scale_(groups, coef, self.foreach)
-        self.last_threshold, self.last_coef = threshold, coef
-        return norm
-
-    __call__ = step
+    def _coefficient(self, norm: torch.Tensor) -> torch.Tensor:
+        """Record the norm, then the coefficient for the percentile of the history."""
+        self.last_threshold = self._record(norm)
+        return _dispatch.clip_coefficient(norm, self.last_threshold, self.eps,
+                                          skip_nonfinite=False)
 
     def _record(self, norm: torch.Tensor) -> torch.Tensor:
         """Append ``norm`` to the history and return the percentile (a device tensor)."""
@@ -208,7 +219,7 @@ def percentile_of(values: torch.Tensor, percentile: float) -> torch.Tensor:
     return torch.where(a == b, a, value)  # inf == inf: no inf - inf
 
 
-class ZClip:
+class ZClip(_HistoryClipper):
     r"""ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"):
     z-score spike detection on EMA statistics of the gradient norm.
 
@@ -307,26 +318,12 @@ class ZClip:
         """Whether the warm-up is over (a host-side count: reading it never synchronises)."""
         return self._step >= self.warmup_steps
 
-    @torch.no_grad()
-    def step(self, parameters: TensorOrTensors) -> torch.Tensor:
-        """Clip the gradients of ``parameters`` and update the statistics.
-
-        Returns:
-            The total norm before clipping (float32, 0-dim, on the first gradient's device).
-        """
-        grads, groups = _gradients(parameters, self.backend)
-        norm = _dispatch.total_norm(grads, groups, self.norm_type, self.foreach)
-        if self.initialized:
-            coef = self._clip_and_update(norm)
-        else:
-            coef = self._warm_up(norm)
-        if grads and coef is not None:
-            _dispatch.scale_(groups, coef, self.foreach)
+    def _coefficient(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """The warm-up (no clip until it ends), then the z-score clip and the update of the
+        statistics."""
+        coef = self._clip_and_update(norm) if self.initialized else self._warm_up(norm)
         self._step += 1
-        self.last_coef = coef if coef is not None else torch.ones_like(norm)
-        return norm
-
-    __call__ = step
+        return coef
 
     def _warm_up(self, norm: torch.Tensor) -> torch.Tensor | None:
         if self._warmup is None:
