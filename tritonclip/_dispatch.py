@@ -116,30 +116,34 @@ def _reduce_sets(items, norm_type, device):
     FSDP-only parameters (dp) take two all-reduces, not three. Every rank holds sets of the
     same structure, so every rank issues the same collectives in the same order.
     """
+    # Each item as [groups, their keys (computed once), power, nan, inf].
+    items = [[groups, tuple(map(_group_key, groups)), power, nan, inf]
+             for groups, power, nan, inf in items]
     while True:
         merged: dict[tuple, list] = {}
-        for groups, power, nan, inf in items:
-            key = tuple(_group_key(g) for g in groups)
-            if key in merged:
-                entry = merged[key]
-                entry[1] = _torch_backend.reduce_power(torch.stack([entry[1], power]), norm_type)
-                entry[2] = entry[2] | nan
-                entry[3] = entry[3] | inf
+        for item in items:
+            entry = merged.get(item[1])
+            if entry is None:
+                merged[item[1]] = item
             else:
-                merged[key] = [groups, power, nan, inf]
+                entry[2] = _torch_backend.reduce_power(torch.stack([entry[2], item[2]]),
+                                                       norm_type)
+                entry[3] = entry[3] | item[3]
+                entry[4] = entry[4] | item[4]
         items = list(merged.values())
         pending = [entry for entry in items if entry[0]]
         if not pending:
             break
         entry = max(pending, key=lambda e: len(e[0]))  # the first of the longest
-        group, entry[0] = entry[0][0], entry[0][1:]
-        entry[1], entry[2], entry[3] = distributed.all_reduce_power(entry[1], entry[2],
-                                                                    entry[3], norm_type, group)
+        group = entry[0][0]
+        entry[0], entry[1] = entry[0][1:], entry[1][1:]
+        entry[2], entry[3], entry[4] = distributed.all_reduce_power(entry[2], entry[3],
+                                                                    entry[4], norm_type, group)
     if not items:
         identity = torch.full((), _identity(norm_type), dtype=torch.float64, device=device)
         false = torch.zeros((), dtype=torch.bool, device=device)
         return identity, false, false
-    (_, power, nan, inf), = items
+    (_, _, power, nan, inf), = items
     return power, nan, inf
 
 
@@ -246,10 +250,10 @@ class _PerTensorLayout:
 
 
 def _per_tensor_layout(tensors, group, device) -> _PerTensorLayout:
-    key = ("per_tensor", device)  # cached beside the group's launch plans
-    per = group.plans.get(key)
+    key = ("per_tensor", device)
+    per = group.derived.get(key)
     if per is None:
-        per = group.plans[key] = _PerTensorLayout(tensors, group, device)
+        per = group.derived[key] = _PerTensorLayout(tensors, group, device)
     return per
 
 

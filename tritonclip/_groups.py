@@ -46,7 +46,8 @@ class Layout:
     spans: list[Span]  # disjoint and nonempty
     others: list[int]  # positions of the non-dense or sparse tensors (torch ops)
     members: list[int]  # positions of all of this group's tensors
-    plans: dict = dataclasses.field(default_factory=dict)  # launch plans, by per_span
+    # what is derived from the layout once: launch plans (by per_span), per-tensor tables
+    derived: dict = dataclasses.field(default_factory=dict)
 
 
 class Group:
@@ -64,7 +65,7 @@ class Group:
     backend = property(lambda self: self.layout.backend)
     spans = property(lambda self: self.layout.spans)
     members = property(lambda self: self.layout.members)
-    plans = property(lambda self: self.layout.plans)
+    derived = property(lambda self: self.layout.derived)
 
     @property
     def others(self) -> list[torch.Tensor]:

@@ -16,10 +16,10 @@ from ._groups import Group
 
 def _plan(group: Group, per_span: bool = False) -> kernels.LaunchPlan:
     """The group's launch plan, looked up once per call (norm and scale share it)."""
-    plan = group.plans.get(per_span)
+    plan = group.derived.get(per_span)
     if plan is None:
         plan = kernels.plan_cache.get(group.addresses(), group.device, group.dtype, per_span)
-        group.plans[per_span] = plan
+        group.derived[per_span] = plan
     return kernels.keep_for_graphs(plan)
 
 
