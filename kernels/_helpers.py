@@ -54,3 +54,27 @@ def store_cast(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def exact_root(power, NORM: tl.constexpr):
+    """The norm from a power form whose root is exact or a correctly rounded sqrt: sqrt for
+    NORM_SUM_SQUARES (IEEE-rounded: ``tl.sqrt`` of float32 is an approximation, of float64
+    ``sqrt.rn.f64``), the value itself for 1, inf, -inf and 0."""
+    tl.static_assert(NORM != NORM_SUM_POW)
+    if NORM == NORM_SUM_SQUARES:
+        if power.dtype == tl.float64:
+            return tl.sqrt(power)
+        else:
+            return tl.sqrt_rn(power)
+    else:
+        return power
+
+
+@triton.jit
+def clip_coefficient(norm, max_norm, eps):
+    """min(max_norm / (norm + eps), 1) for a float32 ``norm``, as torch evaluates it for a
+    Python scalar ``max_norm``: reciprocal (IEEE-rounded), then multiply; the same two
+    roundings give the same coefficient, bit for bit. NaN propagates."""
+    coef = tl.div_rn(1.0, norm + eps) * max_norm
+    return tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)

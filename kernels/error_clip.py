@@ -29,7 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import NORM_MAX, NORM_SUM_ABS, NORM_SUM_POW, NORM_SUM_SQUARES, store_cast
+from ._helpers import (
+    NORM_MAX,
+    NORM_SUM_ABS,
+    NORM_SUM_POW,
+    NORM_SUM_SQUARES,
+    clip_coefficient,
+    exact_root,
+    store_cast,
+)
 from .config import (
     TL_DTYPES,
     compute_dtype,
@@ -105,19 +113,11 @@ def _coefficient(power, p, max_norm, eps, NORM: tl.constexpr, ACC: tl.constexpr)
     """float32 min(max_norm / (norm + eps), 1) from a power form, with the norm's root taken
     in ACC and rounded once to float32: the formula of clip_grad_norm_, with IEEE-rounded
     sqrt and reciprocal, so that it equals torch's ops on the same float32 norm."""
-    if NORM == NORM_SUM_SQUARES:
-        if ACC == tl.float64:
-            norm = tl.sqrt(power)  # float64 sqrt is IEEE-rounded
-        else:
-            norm = tl.sqrt_rn(power)  # tl.sqrt of float32 is an approximation
-    elif NORM == NORM_SUM_POW:
+    if NORM == NORM_SUM_POW:
         norm = tl.exp2(tl.log2(power) / p)  # approximate on a GPU (a few ulp)
     else:
-        norm = power
-    norm = norm.to(tl.float32)
-    # max_norm / x evaluated as torch does it for a Python scalar: reciprocal, then multiply.
-    coef = tl.div_rn(1.0, norm + eps) * max_norm
-    return tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        norm = exact_root(power.to(ACC), NORM)
+    return clip_coefficient(norm.to(tl.float32), max_norm, eps)
 
 
 @triton.jit

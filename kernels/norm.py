@@ -26,6 +26,8 @@ from ._helpers import (
     NORM_SUM_SQUARES,
     any_nan,
     chunk_bounds,
+    clip_coefficient,
+    exact_root,
 )
 from .config import finalize_config, float64_bits, on_device, stream_meta
 from .plan import LaunchPlan
@@ -117,25 +119,14 @@ def _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm
     found[0] = 1.0 if that norm is not finite (else 0.0), the norm written is the scaled norm
     times inv_scale[0], and the coefficient written is the clip coefficient of that norm
     times inv_scale[0] (1 where found, with SKIP_NONFINITE): what the scale pass applies."""
-    if NORM == NORM_SUM_SQUARES:
-        if value.dtype == tl.float64:
-            norm = tl.sqrt(value)  # float64 sqrt is IEEE-rounded (sqrt.rn.f64)
-        else:
-            norm = tl.sqrt_rn(value)  # tl.sqrt of float32 is an approximation
-    else:  # p = 1, inf, -inf, 0: the power form is the norm
-        # A general p's root (exp2/log2: approximate on a GPU) is left to torch.pow.
-        tl.static_assert(NORM != NORM_SUM_POW)
-        norm = value
-    norm = norm.to(tl.float32)
+    # (A general p's root, exp2/log2, is approximate on a GPU: left to torch.pow.)
+    norm = exact_root(value, NORM).to(tl.float32)
     finite = (norm == norm) & (tl.abs(norm) != float("inf"))
     if UNSCALE:
         inv_scale = tl.load(inv_scale_ptr)
         tl.store(found_ptr, tl.where(finite, 0.0, 1.0))
         norm = norm * inv_scale
-    # torch evaluates `max_norm / (norm + eps)` as reciprocal(norm + eps) * max_norm; the
-    # same two roundings give the same coefficient, bit for bit.
-    coef = tl.div_rn(1.0, norm + eps) * max_norm
-    coef = tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    coef = clip_coefficient(norm, max_norm, eps)
     if UNSCALE:
         coef = coef * inv_scale
     if SKIP_NONFINITE:
