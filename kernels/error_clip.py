@@ -48,7 +48,7 @@ from .config import (
     stream_config,
 )
 from .norm import norm_mode as _norm_mode
-from .plan import VECTOR_BYTES
+from .plan import VECTOR_BYTES, is_vector_aligned
 
 # Rows up to this many elements take the fused kernel. A program then reads a row twice;
 # 16 Ki elements (64 KiB of float32) still sit in L1/L2 for the second read, and past it the
@@ -317,8 +317,7 @@ def _row_scale_kernel(
 def _aligned(length: int, *tensors: torch.Tensor) -> bool:
     """Whether 16-byte vectors fit: every base address aligned and ``length`` (a row or the
     whole span) a multiple of the vector, so no vector straddles a row end or a mask edge."""
-    vec = VECTOR_BYTES // tensors[0].element_size()
-    return length % vec == 0 and all(t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
+    return all(is_vector_aligned(t.data_ptr(), length, t.element_size()) for t in tensors)
 
 
 def _check(x: torch.Tensor, out: torch.Tensor, counts: torch.Tensor | None) -> None:

@@ -12,7 +12,7 @@ from ._groups import Group, Layout, group_tensors, span_of_each
 _BACKENDS = {"torch": _torch_backend, "triton": _triton_backend}
 
 
-def _accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
     """The kernels' rule (float64 for float64 and for counts), on the real dtype of complex
     gradients too."""
     return kernels.accumulation_dtype(dtype.to_real() if dtype.is_complex else dtype, norm_type)
@@ -171,7 +171,7 @@ def _local_power(tensors, groups, norm_type, foreach, device, per_tensor_norms, 
         if not (group.spans or group.others):
             continue  # only empty tensors: nothing to count, and their norms stay 0
         backend = _BACKENDS[group.backend]
-        acc = _accumulation_dtype(group.dtype, norm_type)
+        acc = accumulation_dtype(group.dtype, norm_type)
         if per_tensor_norms is not None:
             value = _group_per_tensor(tensors, group, backend, norm_type, acc, foreach,
                                       per_tensor_norms)
@@ -205,7 +205,7 @@ def shows_nonfinite(norm_type: float) -> bool:
 
 def _max_abs(groups, foreach, device, dtype) -> torch.Tensor:
     """max |g| over all groups (one more read), for norm orders that hide inf and NaN."""
-    values = [_BACKENDS[g.backend].group_power(g, math.inf, _accumulation_dtype(g.dtype, 1.0),
+    values = [_BACKENDS[g.backend].group_power(g, math.inf, accumulation_dtype(g.dtype, 1.0),
                                                foreach)[0]
               for g in groups if g.spans or g.others]
     return _combine(values, math.inf, device, dtype)

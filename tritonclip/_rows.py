@@ -172,8 +172,8 @@ def compute_dtype(group: RowGroup, norm_type: float) -> torch.dtype:
     """Accumulation dtype of a group's norms and coefficients: float64 if a float64 tensor
     takes part, float32 otherwise."""
     dtypes = [group.dtype] + ([group.param_dtype] if group.param_dtype is not None else [])
-    real = [d.to_real() if d.is_complex else d for d in dtypes]
-    return torch.float64 if torch.float64 in real else torch.float32
+    accs = {_dispatch.accumulation_dtype(d, norm_type) for d in dtypes}
+    return torch.float64 if torch.float64 in accs else torch.float32
 
 
 def row_norms(group: RowGroup, tensors: list[torch.Tensor], norm_type: float,
