@@ -7,6 +7,7 @@ import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
 from .config import float64_bits, on_device, soft_bf16_rounding, stream_meta
+from .launch import Launcher
 from .plan import LaunchPlan
 
 
@@ -51,6 +52,9 @@ def _clamp_kernel(
         _clamp_chunk(base, start, end, lo, hi, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
+_launch_clamp_kernel = Launcher(_clamp_kernel)
+
+
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     """Clamp every span of ``plan`` in place to [lo, hi] (lo <= hi, either may be infinite),
     in one launch."""
@@ -58,7 +62,8 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     if streams.n_programs == 0:
         return
     with on_device(plan.device):
-        _clamp_kernel[(streams.n_programs,)](
+        _launch_clamp_kernel(
+            (streams.n_programs,),
             *streams.args(), float64_bits(lo), float64_bits(hi),
             ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
             **stream_meta(plan.dtype),

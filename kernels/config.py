@@ -7,8 +7,11 @@ a bandwidth-bound Triton elementwise loop; replace with a measured table when on
 """
 
 import contextlib
+import functools
 import os
 import struct
+import types
+from typing import Mapping
 
 import torch
 import triton.language as tl
@@ -36,12 +39,15 @@ def stream_config(dtype: torch.dtype) -> tuple[int, int]:
     return _BYTES_PER_ITERATION // dtype.itemsize, _NUM_WARPS
 
 
-def stream_meta(dtype: torch.dtype) -> dict:
+@functools.cache
+def stream_meta(dtype: torch.dtype) -> Mapping:
     """Meta-parameters shared by the streaming kernels (norm partials, scale, clamp) for
-    gradients of ``dtype``; the caller adds ALIGNED (per launch) and kernel-specific ones."""
+    gradients of ``dtype``; the caller adds ALIGNED (per launch) and kernel-specific ones.
+    (Read-only: one mapping per dtype serves every launch.)"""
     block, num_warps = stream_config(dtype)
-    return dict(DTYPE=TL_DTYPES[dtype], ACC=TL_DTYPES[compute_dtype(dtype)], CHUNK=CHUNK,
-                BLOCK=block, VEC=VECTOR_BYTES // dtype.itemsize, num_warps=num_warps)
+    return types.MappingProxyType(dict(
+        DTYPE=TL_DTYPES[dtype], ACC=TL_DTYPES[compute_dtype(dtype)], CHUNK=CHUNK, BLOCK=block,
+        VEC=VECTOR_BYTES // dtype.itemsize, num_warps=num_warps))
 
 
 def finalize_config() -> tuple[int, int]:
@@ -49,10 +55,15 @@ def finalize_config() -> tuple[int, int]:
     return 1024, 4
 
 
+# Read once, at import, as Triton reads it: @triton.jit wraps the kernels for its interpreter
+# or for compilation when they are defined.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def soft_bf16_rounding() -> bool:
     """Whether kernels must round to bfloat16 in software (under Triton's interpreter, whose
     float32 -> bfloat16 conversion truncates); see ``_helpers.store_cast``."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return _INTERPRETED
 
 
 def on_device(device: torch.device):

@@ -48,6 +48,7 @@ from .config import (
     stream_config,
 )
 from .norm import norm_mode as _norm_mode
+from .launch import Launcher
 from .plan import VECTOR_BYTES, is_vector_aligned
 
 # Rows up to this many elements take the fused kernel. A program then reads a row twice;
@@ -314,6 +315,13 @@ def _row_scale_kernel(
 # ---------------------------------------------------------------------------------------
 
 
+
+_launch_clamp_out = Launcher(_clamp_out_kernel)
+_launch_row_clip_fused = Launcher(_row_clip_fused_kernel)
+_launch_row_partials = Launcher(_row_partials_kernel)
+_launch_row_finalize = Launcher(_row_finalize_kernel)
+_launch_row_scale = Launcher(_row_scale_kernel)
+
 def _aligned(length: int, *tensors: torch.Tensor) -> bool:
     """Whether 16-byte vectors fit: every base address aligned and ``length`` (a row or the
     whole span) a multiple of the vector, so no vector straddles a row end or a mask edge."""
@@ -346,7 +354,8 @@ def clamp_out(x: torch.Tensor, out: torch.Tensor, lo: float, hi: float,
     block, num_warps = stream_config(x.dtype)
     chunk = CLAMP_CHUNK_BYTES // x.element_size()
     with on_device(x.device):
-        _clamp_out_kernel[(triton.cdiv(numel, chunk),)](
+        _launch_clamp_out(
+            (triton.cdiv(numel, chunk),),
             x, out, counts if counts is not None else x, numel, float64_bits(lo),
             float64_bits(hi), DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[compute_dtype(x.dtype)],
             CHUNK=chunk, BLOCK=block, ALIGNED=_aligned(numel, x, out),
@@ -388,7 +397,8 @@ def row_clip_out(x: torch.Tensor, out: torch.Tensor, max_norm: float, norm_type:
     with on_device(x.device):
         if row_len <= FUSED_ROW_MAX:
             block_r, block_c = fused_tile(row_len, dtype)
-            _row_clip_fused_kernel[(triton.cdiv(n_rows, block_r),)](
+            _launch_row_clip_fused(
+                (triton.cdiv(n_rows, block_r),),
                 x, out, counts_arg, n_rows, row_len, p, max_norm, eps,
                 DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c,
                 SOFT_BF16=soft_bf16_rounding(), COUNT=count, num_warps=4, **common,
@@ -399,13 +409,13 @@ def row_clip_out(x: torch.Tensor, out: torch.Tensor, max_norm: float, norm_type:
         grid = (n_rows * chunks_per_row,)
         partials = torch.empty(grid[0], dtype=compute_dtype(dtype), device=x.device)
         coef = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _row_partials_kernel[grid](x, partials, row_len, chunks_per_row, p, CHUNK=SPLIT_CHUNK,
-                                   BLOCK=block, num_warps=num_warps, **common)
+        _launch_row_partials(grid, x, partials, row_len, chunks_per_row, p, CHUNK=SPLIT_CHUNK,
+                             BLOCK=block, num_warps=num_warps, **common)
         fin_block, fin_warps = finalize_config()
-        _row_finalize_kernel[(n_rows,)](partials, coef, counts_arg, chunks_per_row, p,
-                                        max_norm, eps, NORM=mode, BLOCK=fin_block, COUNT=count,
-                                        num_warps=fin_warps)
-        _row_scale_kernel[grid](x, out, coef, row_len, chunks_per_row, DTYPE=TL_DTYPES[dtype],
-                                CHUNK=SPLIT_CHUNK, BLOCK=block, SOFT_BF16=soft_bf16_rounding(),
-                                num_warps=num_warps, ACC=common["ACC"],
-                                ALIGNED=common["ALIGNED"], VEC=common["VEC"])
+        _launch_row_finalize((n_rows,), partials, coef, counts_arg, chunks_per_row, p,
+                             max_norm, eps, NORM=mode, BLOCK=fin_block, COUNT=count,
+                             num_warps=fin_warps)
+        _launch_row_scale(grid, x, out, coef, row_len, chunks_per_row, DTYPE=TL_DTYPES[dtype],
+                          CHUNK=SPLIT_CHUNK, BLOCK=block, SOFT_BF16=soft_bf16_rounding(),
+                          num_warps=num_warps, ACC=common["ACC"],
+                          ALIGNED=common["ALIGNED"], VEC=common["VEC"])

@@ -30,6 +30,7 @@ from ._helpers import (
     exact_root,
 )
 from .config import finalize_config, float64_bits, on_device, stream_meta
+from .launch import Launcher
 from .plan import LaunchPlan
 
 
@@ -159,9 +160,10 @@ def _norm_kernel(
 
     With FUSED, the program that finishes last (found with an acquire-release counter) reduces
     all partials, in index order whichever program that is and with the finalize kernel's
-    block (so the value equals ``finalize``'s bit for bit), into out[0]; with EPILOGUE it also writes the norm and the clip coefficient
-    (see ``_clip_epilogue``). The whole norm, or the norm and coefficient of a clip, is then
-    one launch, and still deterministic: no atomics touch the values.
+    block (so the value equals ``finalize``'s bit for bit), into out[0]; with EPILOGUE it
+    also writes the norm and the clip coefficient (see ``_clip_epilogue``). The whole norm,
+    or the norm and coefficient of a clip, is then one launch, and still deterministic: no
+    atomics touch the values.
     """
     pid = tl.program_id(0).to(tl.int64)
     if pid < first_chunks:
@@ -206,6 +208,10 @@ def _finalize_kernel(partials_ptr, segments_ptr, out_ptr,
     tl.store(out_ptr + pid, _reduce_partials(partials_ptr, start, end, NORM, BLOCK, ""))
 
 
+_launch_norm_kernel = Launcher(_norm_kernel)
+_launch_finalize_kernel = Launcher(_finalize_kernel)
+
+
 def norm_mode(norm_type: float) -> int:
     """The kernel's NORM constant for a (validated, float) norm order."""
     if norm_type == 2.0:
@@ -246,7 +252,8 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
         return partials, out, norm, coef
     mode = norm_mode(norm_type)
     with on_device(device):
-        _norm_kernel[(streams.n_programs,)](
+        _launch_norm_kernel(
+            (streams.n_programs,),
             *streams.args(), partials, plan.counter, out, norm, coef,
             coef if inv_scale is None else inv_scale, coef if found is None else found,
             float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
@@ -276,9 +283,8 @@ def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torc
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
     block, num_warps = finalize_config()
     with on_device(plan.device):
-        _finalize_kernel[(plan.n_segments,)](partials, plan.segments, out,
-                                             NORM=norm_mode(norm_type), BLOCK=block,
-                                             num_warps=num_warps)
+        _launch_finalize_kernel((plan.n_segments,), partials, plan.segments, out,
+                                NORM=norm_mode(norm_type), BLOCK=block, num_warps=num_warps)
     return out
 
 

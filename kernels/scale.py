@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
 from .config import on_device, soft_bf16_rounding, stream_meta
+from .launch import Launcher
 from .plan import LaunchPlan
 from .rows import RowPlan
 
@@ -73,13 +74,17 @@ def _scale_kernel(
         _scale_chunk(base, start, end, coef, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
+_launch_scale_kernel = Launcher(_scale_kernel)
+
+
 def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
             skip_at_least_one: bool) -> None:
     streams = plan.streams
     if streams.n_programs == 0:
         return
     with on_device(plan.device):
-        _scale_kernel[(streams.n_programs,)](
+        _launch_scale_kernel(
+            (streams.n_programs,),
             *streams.args(), coef, coef if order is None else order,
             ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
             SKIP_AT_LEAST_ONE=skip_at_least_one, PER_SPAN=order is not None,
@@ -103,5 +108,6 @@ def scale_each_(rows: RowPlan, coef: torch.Tensor, skip_at_least_one: bool = Tru
     ``skip_at_least_one`` rows whose coefficient is >= 1 are left untouched, unread.
     """
     if coef.dim() != 1 or coef.numel() != rows.n_rows:
-        raise ValueError(f"coef must hold {rows.n_rows} coefficients, got shape {tuple(coef.shape)}")
+        raise ValueError(f"coef must hold {rows.n_rows} coefficients, got shape "
+                         f"{tuple(coef.shape)}")
     _launch(rows.plan, coef, rows.order, skip_at_least_one)

@@ -47,7 +47,7 @@ _NORM_MODES = {"partials": (False, False, False, False), "fused": (True, False, 
 def specializations():
     """(name, kernel, signature, constexprs, num_warps) for every launchable variant."""
     for dtype in _TYPE:
-        meta = stream_meta(dtype)
+        meta = dict(stream_meta(dtype))
         warps = meta.pop("num_warps")
         for aligned in (True, False):
             common = dict(meta, ALIGNED=aligned)

@@ -207,12 +207,13 @@ class _LaunchCounter:
 
 @pytest.fixture
 def launches(monkeypatch):
-    from tritonclip.kernels import clamp, norm, scale
+    from tritonclip.kernels import clamp, launch, norm, scale
 
     log = []
-    for module, name in ((norm, "_norm_kernel"), (norm, "_finalize_kernel"),
-                         (scale, "_scale_kernel"), (clamp, "_clamp_kernel")):
-        monkeypatch.setattr(module, name, _LaunchCounter(getattr(module, name), log))
+    for module in (norm, scale, clamp):
+        for launcher in vars(module).values():
+            if isinstance(launcher, launch.Launcher):
+                monkeypatch.setattr(launcher, "kernel", _LaunchCounter(launcher.kernel, log))
     return log
 
 

@@ -1,0 +1,130 @@
+"""Launching compiled Triton kernels without Triton's per-call argument binding.
+
+``kernel[grid](*args)`` (``JITFunction.run``) binds and specializes every argument, builds a
+cache-key string, re-checks every global constant the kernel reads and reads runtime knobs
+before it reaches the compiled kernel's launcher, on every call. That host work is the same
+for every call of one *variant* (the same constexprs, launch options and argument kinds), and
+it is what makes a small clip slower than torch: on an H100 host the norm launch took about
+0.1 ms through ``JITFunction.run`` (bench/results/h100-sxm); on this project's CI CPU, with the
+CUDA launcher replaced by a no-op, 11-15 µs per launch against 1-2 µs for the direct call
+(``python -m tritonclip.bench.host``).
+
+:class:`Launcher` goes through ``JITFunction.run`` once per variant (which compiles, caches and
+launches as usual, and returns the compiled kernel), keeps the compiled kernel under a key of
+what Triton specializes on, and afterwards makes the call ``JITFunction.run`` ends with: the
+compiled launcher with the grid, the current stream, the launch metadata and hooks (so
+profilers such as proton still see every launch) and every argument in declared order,
+constexprs included. Triton 3.x (3.6 and 3.9 are tested) makes that same call.
+
+The key is at least as fine as Triton's own specialization: for each argument its constexpr
+value, or the dtype of a tensor and whether its address is 16-byte aligned (unless the
+parameter is ``do_not_specialize_on_alignment``), or an integer's width class (i32, i64,
+u64) and, unless ``do_not_specialize``, whether it equals 1 and whether it is a multiple of 16;
+plus the launch options and the current device. A test launches every kernel of the package
+through a null driver both ways and checks that each key finds the kernel Triton would have
+run (tests/launch_check.py).
+
+Not seen by the direct path: Triton's runtime knobs ``TRITON_DEBUG`` and instrumentation
+modes changed after a variant's first launch (set them before, by environment variable), and
+``JITFunction.pre_run_hooks`` (a kernel with hooks always goes through ``JITFunction.run``).
+Under ``TRITON_INTERPRET=1`` kernels are not compiled, and every launch goes through Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+_I32 = range(-(2 ** 31), 2 ** 31)
+_I64 = range(-(2 ** 63), 2 ** 63)
+# What the direct call uses of a compiled kernel; a Triton without it keeps the usual path.
+_COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
+
+
+class Launcher:
+    """``Launcher(kernel)(grid, *args, **kwargs)`` launches ``kernel[grid](*args, **kwargs)``.
+
+    The direct path takes the leading (non-constexpr) parameters by position and the rest
+    (constexprs, which may be left to their defaults) and launch options such as
+    ``num_warps`` by keyword; any other call goes through Triton every time.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._direct = isinstance(kernel, JITFunction)  # not under TRITON_INTERPRET
+        self._compiled: dict = {}
+        self._tails: dict = {}
+        if self._direct:
+            # per parameter: None for a constexpr, else (specialize ints, specialize alignment)
+            self._rules = tuple(None if p.is_constexpr
+                                else (not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+                                for p in kernel.params)
+
+    def __call__(self, grid: tuple, *args, **kwargs) -> None:
+        if not self._direct or self.kernel.pre_run_hooks:
+            self.kernel[grid](*args, **kwargs)
+            return
+        options = tuple(kwargs.items())
+        try:
+            tail = self._tails[len(args), options]
+        except KeyError:
+            tail = self._tails[len(args), options] = self._tail(len(args), kwargs)
+        device = driver.active.get_current_device()
+        kinds = None if tail is None else self._kinds(args)
+        key = None if kinds is None else (device, options, kinds)
+        compiled = None if key is None else self._compiled.get(key)
+        if compiled is None:
+            # compiles (or finds) and launches the variant; afterwards launch it directly
+            compiled = self.kernel[grid](*args, **kwargs)
+            if key is not None and all(hasattr(compiled, name) for name in _COMPILED_API):
+                self._compiled[key] = compiled
+            return
+        bound = args + tail
+        grid_x, grid_y, grid_z = (tuple(grid) + (1, 1))[:3]
+        stream = driver.active.get_current_stream(device)
+        hooks = knobs.runtime
+        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *bound),
+                     hooks.launch_enter_hook, hooks.launch_exit_hook, *bound)
+
+    def _tail(self, n_positional: int, kwargs: dict) -> tuple | None:
+        """The values of the parameters after the first ``n_positional``, in declared order
+        (keyword or default): constexprs only, so they are fixed by ``kwargs`` and the key
+        need not look at them again. None where the call does not bind that way (Triton
+        then binds it, or reports the error)."""
+        params = self.kernel.params
+        if n_positional > len(params) or any(p.name in kwargs for p in params[:n_positional]):
+            return None
+        tail = []
+        for param in params[n_positional:]:
+            if not param.is_constexpr:
+                return None
+            if param.name in kwargs:
+                tail.append(kwargs[param.name])
+            elif param.has_default:
+                tail.append(param.default)
+            else:
+                return None
+        return tuple(tail)
+
+    def _kinds(self, args: tuple) -> tuple | None:
+        """What Triton specializes on in the positional arguments (see the module docstring),
+        or None for a kind not handled here (the launch then goes through Triton)."""
+        kinds = []
+        for value, rule in zip(args, self._rules):
+            if rule is None:  # a constexpr given by position
+                kinds.append(value)
+            elif isinstance(value, torch.Tensor):
+                kinds.append((value.dtype, rule[1] and value.data_ptr() % 16 == 0))
+            elif isinstance(value, bool):
+                kinds.append(bool)
+            elif isinstance(value, int):
+                width = 0 if value in _I32 else 1 if value in _I64 else 2
+                kinds.append((width, value == 1, value % 16 == 0) if rule[0] else width)
+            elif isinstance(value, float):
+                kinds.append(float)
+            else:
+                return None
+        return tuple(kinds)

@@ -1,0 +1,193 @@
+"""Check, without a GPU, that kernels.launch.Launcher launches exactly what Triton would.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_launch.py does, in a subprocess):
+kernels are compiled for sm_90 and launched into tritonclip.bench.null_driver, which records
+every launcher call instead of running it. It prints one JSON object:
+
+- "package": per scenario (each a real launch function of tritonclip.kernels on CPU tensors),
+  whether the second round of direct launches made the same launcher calls (same compiled
+  kernel, grid, stream, hooks and arguments) as Triton's own path, and how many launches of
+  that round went through ``JITFunction.run`` (expected: none).
+- "keys": for a probe kernel called with integers and tensors on every side of Triton's
+  specialization boundaries, the calls whose direct launch ran another compiled kernel than
+  ``JITFunction.warmup`` returns for the same arguments (expected: none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("launch_check.py needs compiled kernels: run it with TRITON_INTERPRET unset or 0")
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonclip.bench.null_driver import null_driver
+from tritonclip.kernels import (build_row_plan, clamp_, finalize, group_power, norm_clip,
+                                norm_partials, plan_cache, scale_, scale_each_,
+                                unscale_norm_clip)
+from tritonclip.kernels import clamp, error_clip, launch, norm, scale
+
+LAUNCHERS = [value for module in (norm, scale, clamp, error_clip) for value in vars(module).values()
+             if isinstance(value, launch.Launcher)]
+CPU = torch.device("cpu")
+
+
+def _tensors(dtype, sizes, misaligned=False):
+    """Gradients of the given sizes; with ``misaligned``, views one element into a buffer."""
+    out = []
+    for size in sizes:
+        base = torch.randn(size + 1).to(dtype)
+        out.append(base[1:] if misaligned else base[:size])
+    return out
+
+
+def _plan(tensors, per_span=False):
+    return plan_cache.get([(t.data_ptr(), t.numel()) for t in tensors], CPU, tensors[0].dtype,
+                          per_span)
+
+
+def scenarios():
+    """(name, callable): each launches one or more kernels of the package."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        tag = str(dtype).split(".")[1]
+        one = _plan(_tensors(dtype, [70_000]))
+        mixed = _plan(_tensors(dtype, [1, 16, 17, 4096]) + _tensors(dtype, [3000], True))
+        coef = torch.tensor(0.5)
+        yield f"norm_clip-{tag}", lambda p=one: norm_clip(p, 2.0, 1.0, 1e-6, False)
+        yield f"norm_clip-mixed-{tag}", lambda p=mixed: norm_clip(p, float("inf"), 1.0, 1e-6, True)
+        yield f"scale-{tag}", lambda p=mixed, c=coef: scale_(p, c)
+        yield f"clamp-{tag}", lambda p=mixed: clamp_(p, -0.1, 0.25)
+    grads = _tensors(torch.float32, [5, 16, 33])
+    per_span = _plan(grads, per_span=True)
+    yield "partials+finalize", lambda: finalize(per_span, norm_partials(per_span, 3.5), 3.5)
+    yield "group_power-count", lambda: group_power(per_span, 0.0)
+    yield "unscale_norm_clip", lambda: unscale_norm_clip(per_span, 2.0, 1.0, 1e-6, False,
+                                                         torch.tensor([0.25]))
+    rows = _tensors(torch.float32, [6 * 16, 3 * 17])
+    row_plan = build_row_plan([(rows[0].data_ptr(), 6, 16), (rows[1].data_ptr(), 3, 17)], CPU,
+                              torch.float32)
+    yield "scale_each", lambda: scale_each_(row_plan, torch.linspace(0.5, 1.5, 9))
+    for row_len in (1, 16, 17, error_clip.FUSED_ROW_MAX + 1):
+        x = torch.randn(3, row_len)
+        out, counts = torch.empty_like(x), torch.zeros(2, dtype=torch.int64)
+        yield (f"row_clip-{row_len}",
+               lambda x=x, o=out, c=counts: error_clip.row_clip_out(x, o, 1.0, 2.0, 1e-6, c))
+        yield (f"clamp_out-{row_len}",
+               lambda x=x, o=out: error_clip.clamp_out(x, o, -0.5, 0.5))
+
+
+def _normalized(record):
+    """Launcher calls with fresh tensors replaced by what Triton specializes on them."""
+    def arg(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", str(value.dtype), tuple(value.shape), value.data_ptr() % 16)
+        if isinstance(value, (int, float, bool, str, type(None))) or isinstance(value, tl.dtype):
+            return repr(value)
+        return ("object", id(value))
+    calls = []
+    for launcher, args in record:
+        grid, (stream, function, packed, _metadata, enter, exit_) = args[:3], args[3:9]
+        calls.append([id(launcher), list(grid), stream, id(function), repr(packed), id(enter),
+                      id(exit_), [arg(a) for a in args[9:]]])
+    return calls
+
+
+def check_package(launchers=LAUNCHERS, only=None):
+    """Triton's path, then two rounds of direct launches; the second round must match."""
+    routed = {"count": 0}
+    for launcher in launchers:
+        original = launcher.kernel.run
+
+        def counting(*args, _original=original, **kwargs):
+            routed["count"] += 1
+            return _original(*args, **kwargs)
+        launcher.kernel.run = counting
+
+    results = {}
+    record: list = []
+    with null_driver(90, record):
+        for name, run in scenarios():
+            if only is not None and name != only:
+                continue
+            for launcher in launchers:
+                launcher._direct = False
+            record.clear()
+            run()
+            through_triton = _normalized(record)
+            for launcher in launchers:
+                launcher._direct = True
+            run()  # first direct round: each new variant still goes through Triton once
+            record.clear()
+            routed["count"] = 0
+            run()
+            results[name] = {"same_calls": _normalized(record) == through_triton,
+                             "launches": len(record), "through_triton": routed["count"]}
+    return results
+
+
+@triton.jit(do_not_specialize=["m"], do_not_specialize_on_alignment=["y_ptr"])
+def _probe_kernel(x_ptr, y_ptr, n, m, f, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * f + m, mask=mask)
+
+
+class _CoarseLauncher(launch.Launcher):
+    """Negative control: a key blind to alignment and to integer values."""
+
+    def _kinds(self, args):
+        return tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args)
+
+
+class _ShuffledLauncher(launch.Launcher):
+    """Negative control: passes the constexprs in reverse order."""
+
+    def _tail(self, n_positional, kwargs):
+        tail = super()._tail(n_positional, kwargs)
+        return None if tail is None else tail[::-1]
+
+
+def check_keys(launcher_type=launch.Launcher):
+    """Calls across the specialization boundaries of ints (1, multiples of 16, i32/i64/u64
+    widths), tensor alignment and dtype; returns the calls that ran another kernel."""
+    probe = launcher_type(_probe_kernel)
+    x32, x16 = torch.randn(64), torch.randn(64).half()
+    y = torch.empty(65)
+    ints = [1, 2, 16, 17, 32, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -1, -16, -(2**31),
+            -(2**31) - 1, 2**63 - 1, 2**63, 2**64 - 16]
+    calls = [(x32, y, n, 3, 0.5) for n in ints] + [(x32, y, 5, m, 0.5) for m in ints]
+    calls += [(x, out, 16, 1, 2.0) for x in (x32, x32[1:], x16, x16[1:]) for out in (y, y[1:])]
+    wrong = []
+    record: list = []
+    with null_driver(90, record):
+        for args in calls:
+            for _ in range(2):  # the first may compile through Triton; the second is direct
+                record.clear()
+                probe((1,), *args, BLOCK=64)
+            expected = _probe_kernel.warmup(*args, grid=(1,), BLOCK=64)
+            if len(record) != 1 or record[0][0] is not expected.run:
+                wrong.append(repr([a if not isinstance(a, torch.Tensor) else
+                                   (str(a.dtype), a.data_ptr() % 16) for a in args]))
+    return {"calls": len(calls), "compiled": len(probe._compiled), "wrong": wrong}
+
+
+def check_controls():
+    """The checks above must fail for a launcher that is wrong."""
+    shuffled = _ShuffledLauncher(scale._scale_kernel)
+    real, scale._launch_scale_kernel = scale._launch_scale_kernel, shuffled
+    try:
+        package = check_package([shuffled], only="scale-float32")["scale-float32"]
+    finally:
+        scale._launch_scale_kernel = real
+    return {"coarse_key_wrong": len(check_keys(_CoarseLauncher)["wrong"]),
+            "shuffled_same_calls": package["same_calls"]}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"triton": triton.__version__, "keys": check_keys(),
+                      "package": check_package(), "controls": check_controls()}))
