@@ -37,8 +37,8 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-_I32 = range(-(2 ** 31), 2 ** 31)
-_I64 = range(-(2 ** 63), 2 ** 63)
+_I32_LIMIT = 2 ** 31  # Triton passes ints in [-2**31, 2**31) as i32, then i64, then u64
+_I64_LIMIT = 2 ** 63
 # What the direct call uses of a compiled kernel; a Triton without it keeps the usual path.
 _COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
 
@@ -66,7 +66,7 @@ class Launcher:
         if not self._direct or self.kernel.pre_run_hooks:
             self.kernel[grid](*args, **kwargs)
             return
-        options = tuple(kwargs.items())
+        options = tuple(kwargs.items())  # keyword constexprs and launch options
         try:
             tail = self._tails[len(args), options]
         except KeyError:
@@ -114,17 +114,17 @@ class Launcher:
         or None for a kind not handled here (the launch then goes through Triton)."""
         kinds = []
         for value, rule in zip(args, self._rules):
+            cls = type(value)  # exact types first: this loop runs for every launch
             if rule is None:  # a constexpr given by position
                 kinds.append(value)
-            elif isinstance(value, torch.Tensor):
+            elif cls is torch.Tensor or (cls is not int and isinstance(value, torch.Tensor)):
                 kinds.append((value.dtype, rule[1] and value.data_ptr() % 16 == 0))
-            elif isinstance(value, bool):
-                kinds.append(bool)
-            elif isinstance(value, int):
-                width = 0 if value in _I32 else 1 if value in _I64 else 2
+            elif cls is int:
+                width = 0 if -_I32_LIMIT <= value < _I32_LIMIT else (
+                    1 if -_I64_LIMIT <= value < _I64_LIMIT else 2)
                 kinds.append((width, value == 1, value % 16 == 0) if rule[0] else width)
-            elif isinstance(value, float):
-                kinds.append(float)
-            else:
+            elif cls is float or cls is bool:
+                kinds.append(cls)
+            else:  # int and float subclasses (numpy scalars, enums) and anything else
                 return None
         return tuple(kinds)

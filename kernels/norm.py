@@ -31,7 +31,7 @@ from ._helpers import (
 )
 from .config import finalize_config, float64_bits, on_device, stream_meta
 from .launch import Launcher
-from .plan import LaunchPlan
+from .plan import VECTOR_BYTES, LaunchPlan
 
 
 @triton.jit
@@ -243,8 +243,11 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
     acc_dtype = accumulation_dtype(plan.dtype, norm_type)
     device = plan.device
     streams = plan.streams
-    partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=device)
-    out = torch.empty(1, dtype=acc_dtype, device=device)
+    if epilogue:  # the caller gets the norm and coefficient only: partials and out are scratch
+        partials, out = _epilogue_scratch(plan, acc_dtype)
+    else:
+        partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=device)
+        out = torch.empty(1, dtype=acc_dtype, device=device)
     norm = torch.empty((), dtype=torch.float32, device=device)
     coef = torch.empty((), dtype=torch.float32, device=device)
     if streams.n_programs == 0:  # only empty spans
@@ -263,6 +266,19 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
             **stream_meta(plan.dtype),
         )
     return partials, out, norm, coef
+
+
+def _epilogue_scratch(plan: LaunchPlan, acc_dtype: torch.dtype):
+    """(partials, out) of a clip launch over ``plan``: one buffer kept with the plan. Launches
+    over one plan are ordered on one stream (see :func:`norm_clip`), so each reads the buffer
+    after the previous one is done with it."""
+    key = ("norm_clip", acc_dtype)
+    views = plan.scratch.get(key)
+    if views is None:
+        pad = VECTOR_BYTES // acc_dtype.itemsize  # both views 16-byte aligned, as if allocated
+        buffer = torch.empty(pad + plan.n_partials, dtype=acc_dtype, device=plan.device)
+        views = plan.scratch.setdefault(key, (buffer[pad:], buffer[:1]))
+    return views
 
 
 def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:

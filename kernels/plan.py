@@ -66,6 +66,9 @@ class LaunchPlan:
     segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
     n_segments: int
     counter: torch.Tensor  # int64 [1], zero between launches: the fused norm's arrival count
+    # Device buffers that launches over this plan reuse, by name (see norm.norm_clip): made
+    # once, so a steady-state clip allocates only what it returns.
+    scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def streams(self) -> "Streams":
