@@ -4,10 +4,11 @@
 cache-key string, re-checks every global constant the kernel reads and reads runtime knobs
 before it reaches the compiled kernel's launcher, on every call. That host work is the same
 for every call of one *variant* (the same constexprs, launch options and argument kinds), and
-it is what makes a small clip slower than torch: on an H100 host the norm launch took about
-0.1 ms through ``JITFunction.run`` (bench/results/h100-sxm); on this project's CI CPU, with the
-CUDA launcher replaced by a no-op, 11-15 µs per launch against 1-2 µs for the direct call
-(``python -m tritonclip.bench.host``).
+it is much of what made a small clip slower than torch: on the H100 machine's host the norm
+kernel's launch took about 0.1 ms of host time through ``JITFunction.run`` (README, "Known
+limits"). On this project's 2-core CI CPU, with the CUDA launcher replaced by a no-op
+(tritonclip.bench.null_driver), one launch of the norm kernel costs 18.6 µs through
+``JITFunction.run`` and 8.5 µs through :class:`Launcher` (of which 3.5 µs is the key below).
 
 :class:`Launcher` goes through ``JITFunction.run`` once per variant (which compiles, caches and
 launches as usual, and returns the compiled kernel), keeps the compiled kernel under a key of
@@ -25,17 +26,39 @@ through a null driver both ways and checks that each key finds the kernel Triton
 run (tests/launch_check.py).
 
 Not seen by the direct path: Triton's runtime knobs ``TRITON_DEBUG`` and instrumentation
-modes changed after a variant's first launch (set them before, by environment variable), and
-``JITFunction.pre_run_hooks`` (a kernel with hooks always goes through ``JITFunction.run``).
-Under ``TRITON_INTERPRET=1`` kernels are not compiled, and every launch goes through Triton.
+modes changed after a variant's first launch (set them before, by environment variable),
+``JITFunction.pre_run_hooks`` (a kernel with hooks always goes through ``JITFunction.run``),
+and the check that the kernel's global constants have not been reassigned (this package's
+kernels read module constants only). Under ``TRITON_INTERPRET=1`` kernels are not compiled,
+and every launch goes through Triton; so does every launch on a Triton older than 3.6 (whose
+launcher takes other arguments) and with ``TRITONCLIP_DIRECT_LAUNCH=0`` in the environment.
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
-from triton import knobs
+import triton
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton import knobs
+except ImportError:  # Triton < 3.4
+    knobs = None
+
+
+def _version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+# Checked on 3.6 and 3.9 (tests/launch_check.py runs in CI on the installed release).
+# TRITONCLIP_DIRECT_LAUNCH=0 sends every launch through JITFunction.run.
+_TRITON_SUPPORTED = (knobs is not None and _version(triton.__version__) >= (3, 6)
+                     and os.environ.get("TRITONCLIP_DIRECT_LAUNCH", "1") != "0")
 
 _I32_LIMIT = 2 ** 31  # Triton passes ints in [-2**31, 2**31) as i32, then i64, then u64
 _I64_LIMIT = 2 ** 63
@@ -53,9 +76,10 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self._direct = isinstance(kernel, JITFunction)  # not under TRITON_INTERPRET
-        self._compiled: dict = {}
-        self._tails: dict = {}
+        # not under TRITON_INTERPRET (which makes kernels InterpretedFunctions)
+        self._direct = _TRITON_SUPPORTED and isinstance(kernel, JITFunction)
+        # (number of positional arguments, keyword items) -> (tail, {(device, kinds): kernel})
+        self._variants: dict = {}
         if self._direct:
             # per parameter: None for a constexpr, else (specialize ints, specialize alignment)
             self._rules = tuple(None if p.is_constexpr
@@ -66,20 +90,20 @@ class Launcher:
         if not self._direct or self.kernel.pre_run_hooks:
             self.kernel[grid](*args, **kwargs)
             return
-        options = tuple(kwargs.items())  # keyword constexprs and launch options
-        try:
-            tail = self._tails[len(args), options]
-        except KeyError:
-            tail = self._tails[len(args), options] = self._tail(len(args), kwargs)
+        options = (len(args), tuple(kwargs.items()))  # keyword constexprs and launch options
+        variant = self._variants.get(options)
+        if variant is None:
+            variant = self._variants[options] = (self._tail(len(args), kwargs), {})
+        tail, compiled_by_kinds = variant
         device = driver.active.get_current_device()
         kinds = None if tail is None else self._kinds(args)
-        key = None if kinds is None else (device, options, kinds)
-        compiled = None if key is None else self._compiled.get(key)
+        key = None if kinds is None else (device, kinds)
+        compiled = None if key is None else compiled_by_kinds.get(key)
         if compiled is None:
             # compiles (or finds) and launches the variant; afterwards launch it directly
             compiled = self.kernel[grid](*args, **kwargs)
             if key is not None and all(hasattr(compiled, name) for name in _COMPILED_API):
-                self._compiled[key] = compiled
+                compiled_by_kinds[key] = compiled
             return
         bound = args + tail
         grid_x, grid_y, grid_z = (tuple(grid) + (1, 1))[:3]

@@ -50,3 +50,28 @@ def test_interpreted_kernels_go_through_triton():
         pytest.skip("the suite's kernels are compiled here")
     assert isinstance(scale._launch_scale_kernel, launch.Launcher)
     assert not scale._launch_scale_kernel._direct
+
+
+def _run_compiled(args, **env):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="0", **env))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_direct_launch_can_be_switched_off():
+    pytest.importorskip("triton.backends.nvidia")
+    code = ("from tritonclip.kernels import norm;"
+            "print(norm._launch_norm_kernel._direct)")
+    assert _run_compiled(["-c", code]).strip() == "True"
+    assert _run_compiled(["-c", code], TRITONCLIP_DIRECT_LAUNCH="0").strip() == "False"
+
+
+def test_host_benchmark_runs_and_reports_every_operation():
+    pytest.importorskip("triton.backends.nvidia")
+    out = _run_compiled(["-m", "tritonclip.bench.host", "--calls", "3", "--repeat", "1"])
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * 4, out  # header, then 3 tensor sets x 4 operations
+    for row in rows[1:]:
+        direct, through_triton = float(row[2]), float(row[3])
+        assert 0 < direct and 0 < through_triton, row

@@ -1,4 +1,6 @@
-"""Host time per call of tritonclip's Triton path, on any machine: ``python -m tritonclip.bench.host``.
+"""Host time per call of tritonclip's Triton path, measured on any machine.
+
+``python -m tritonclip.bench.host``.
 
 A clip of small gradients is bound by host work (argument checks, grouping, plan look-up and
 the kernel launches), not by memory. This measures that work without a GPU: the kernels are

@@ -36,6 +36,9 @@ class _NullUtils:
         # module, function, registers, spills, max threads per block
         return object(), object(), 0, 0, 1024
 
+    def unload_module(self, module):  # triton 3.9's CompiledKernel.__del__
+        pass
+
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
                 "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
