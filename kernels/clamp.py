@@ -64,7 +64,7 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     with on_device(plan.device):
         _launch_clamp_kernel(
             (streams.n_programs,),
-            *streams.args(), float64_bits(lo), float64_bits(hi),
+            *streams.args, float64_bits(lo), float64_bits(hi),
             ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
             **stream_meta(plan.dtype),
         )

@@ -257,7 +257,7 @@ def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: b
     with on_device(device):
         _launch_norm_kernel(
             (streams.n_programs,),
-            *streams.args(), partials, plan.counter, out, norm, coef,
+            *streams.args, partials, plan.counter, out, norm, coef,
             coef if inv_scale is None else inv_scale, coef if found is None else found,
             float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
             NORM=mode, ALIGNED=streams.first_aligned, FUSED=fused, EPILOGUE=epilogue,

@@ -7,8 +7,8 @@ plan's single int64 device tensor holds, per launch::
     [ base address x S | element count x S | chunk -> span x C | chunk -> first element x C ]
 
 followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial indices)
-and one int64 counter, zero between launches, with which the fused norm kernel's programs find
-the last of them (see ``norm.norm_clip``).
+and one int64 counter of arrivals (it only grows), with which the fused norm kernel's programs
+find the last of them (see ``norm.norm_clip``).
 
 Spans whose base address is 16-byte aligned and whose length is a multiple of the 16-byte
 vector go to the ``aligned`` launch, which is compiled with divisibility hints so that the
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 from typing import Sequence
 
@@ -65,14 +66,14 @@ class LaunchPlan:
     n_partials: int
     segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
     n_segments: int
-    counter: torch.Tensor  # int64 [1], zero between launches: the fused norm's arrival count
+    counter: torch.Tensor  # int64 [1]: the fused norm's arrival count (only grows)
     # Device buffers that launches over this plan reuse, by name (see norm.norm_clip): made
     # once, so a steady-state clip allocates only what it returns.
     scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def streams(self) -> "Streams":
-        """The arguments of one launch over every span (see :class:`Streams`)."""
+        """The arguments of one launch over every span (see :class:`Streams`); made once."""
         if not self.launches:  # only empty spans: nothing to launch
             return Streams(False, self.counter, 0, 0, self.counter, 0, 0)
         first = self.launches[0]
@@ -106,6 +107,7 @@ class Streams:
     def n_programs(self) -> int:
         return self.first_chunks + self.second_chunks
 
+    @functools.cached_property
     def args(self) -> tuple:
         """Positional kernel arguments, in the order the streaming kernels declare them."""
         return (self.first_table, self.first_spans, self.first_chunks,

@@ -85,7 +85,7 @@ def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
     with on_device(plan.device):
         _launch_scale_kernel(
             (streams.n_programs,),
-            *streams.args(), coef, coef if order is None else order,
+            *streams.args, coef, coef if order is None else order,
             ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
             SKIP_AT_LEAST_ONE=skip_at_least_one, PER_SPAN=order is not None,
             **stream_meta(plan.dtype),
