@@ -60,6 +60,11 @@ def finalize_config() -> tuple[int, int]:
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def interpreted() -> bool:
+    """Whether this process's kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRETED
+
+
 def soft_bf16_rounding() -> bool:
     """Whether kernels must round to bfloat16 in software (under Triton's interpreter, whose
     float32 -> bfloat16 conversion truncates); see ``_helpers.store_cast``."""

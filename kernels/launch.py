@@ -44,6 +44,8 @@ import triton
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+from .config import interpreted
+
 try:
     from triton import knobs
 except ImportError:  # Triton < 3.4
@@ -64,6 +66,11 @@ _I32_LIMIT = 2 ** 31  # Triton passes ints in [-2**31, 2**31) as i32, then i64, 
 _I64_LIMIT = 2 ** 63
 # What the direct call uses of a compiled kernel; a Triton without it keeps the usual path.
 _COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
+
+
+def direct_launch_enabled() -> bool:
+    """Whether compiled kernels are launched directly after their first launch (see above)."""
+    return _TRITON_SUPPORTED and not interpreted()
 
 
 class Launcher:
