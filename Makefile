@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-gpu bench bench-full bench-pytest clean
+.PHONY: setup test test-gpu bench bench-full bench-pytest bench-host clean
 
 setup:
 	VENV=$(VENV) ./scripts/setup.sh
@@ -27,6 +27,10 @@ bench-full: setup
 bench-pytest: setup
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,min,max,rounds \
 		--benchmark-sort=name --benchmark-json=bench-out/pytest-benchmark.json
+
+# Host work per call on any machine (kernels compiled, launched into a null driver).
+bench-host: setup
+	$(PY) -m tritonclip.bench.host
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
