@@ -3,6 +3,10 @@ hand-roll in a tensor hook, on the same gradient in the same process.
 
     python bench/error_clip_bench.py            # needs a CUDA device
 
+The activation shapes of the README's error-clipping table; ``tritonclip-bench --ops
+error_clip`` times the same kernels on the benchmark's gradient sets (rows along the last
+dimension), beside the same recipe.
+
 Bytes that must move for an out-of-place clip of N gradient bytes: N read + N written (2N);
 the fused row kernel reads each row twice, the second time mostly from L2; the split path
 (rows longer than 16 Ki elements, and the whole-tensor clip) reads 2N and writes N. GB/s below
@@ -16,13 +20,8 @@ import triton
 import triton.testing
 
 from tritonclip import _error_clip_ops
+from tritonclip.bench.cases import hook_recipe
 from tritonclip.error_clip import _Options
-
-
-def _torch_norm_recipe(g, max_norm, dim, eps=1e-6):
-    """What a tensor hook does by hand: fp32 norm, coefficient, scale."""
-    norm = torch.linalg.vector_norm(g, dim=dim, keepdim=True, dtype=torch.float32)
-    return (g.float() * torch.clamp(max_norm / (norm + eps), max=1.0)).to(g.dtype)
 
 
 def _ms(fn):
@@ -33,9 +32,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     cases = [  # (name, shape, kwargs)
-        ("per-token 8192x4096", (8192, 4096), dict(max_norm=1.0, dim=-1)),
-        ("per-token 65536x1024", (65536, 1024), dict(max_norm=1.0, dim=-1)),
-        ("per-sample 64x(1<<20)", (64, 1 << 20), dict(max_norm=1.0, dim=-1)),
+        ("token 8192x4096", (8192, 4096), dict(max_norm=1.0, dim=-1)),
+        ("token 65536x1024", (65536, 1024), dict(max_norm=1.0, dim=-1)),
+        ("token 262144x128", (262144, 128), dict(max_norm=1.0, dim=-1)),
+        ("sample 64x1M", (64, 1 << 20), dict(max_norm=1.0, dim=-1)),
         ("whole 32M", (1 << 25,), dict(max_norm=1.0)),
         ("value 32M", (1 << 25,), dict(lo=-0.01, hi=0.01)),
     ]
@@ -50,7 +50,7 @@ def main() -> None:
                                kwargs.get("dim"), 2.0, 1e-6, "triton", None)
             spec = options.spec(g)
             if "max_norm" in kwargs:
-                recipe = lambda: _torch_norm_recipe(g, kwargs["max_norm"], kwargs.get("dim"))  # noqa: E731
+                recipe = lambda: hook_recipe(g, kwargs["max_norm"], kwargs.get("dim"))  # noqa: E731
             else:
                 recipe = lambda: g.clamp(kwargs["lo"], kwargs["hi"])  # noqa: E731
             ours = lambda: _error_clip_ops.clip(g, spec)  # noqa: E731

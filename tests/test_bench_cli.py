@@ -83,4 +83,29 @@ def test_quick_runs_the_core_ops_and_full_runs_every_op():
     device = torch.device("cpu")
     assert cli._selection(quick, device)[4] == list(cases.QUICK_OPS)
     assert cli._selection(full, device)[4] == list(cases.OPS)
-    assert set(cases.OPS) - set(cases.QUICK_OPS) == {"per_tensor", "agc"}
+    assert set(cases.OPS) - set(cases.QUICK_OPS) == {"per_tensor", "agc", "error_clip"}
+
+
+def test_error_clip_case_clips_rows_like_the_hook_recipe(tmp_path, capsys):
+    grads = shapes.make_grads([(8, 300), (5000,), (3, 7)], torch.float32, "cpu")
+    cases.normalize_(grads)
+    before = [g.clone() for g in grads]
+    ours = cases.callable_for("tritonclip", "error_clip", None, grads)()
+    recipe = cases.callable_for("torch-loop", "error_clip", None, grads)()
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))  # out of place
+    for a, b, g in zip(ours, recipe, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        norms = torch.linalg.vector_norm(a.double(), dim=-1)
+        assert (norms <= cases.ERROR_CLIP_MAX_NORM * (1 + 1e-5)).all()
+        assert not torch.equal(a, g)  # negative control: the rows were really scaled
+    with pytest.raises(KeyError):
+        cases.callable_for("torch-foreach", "error_clip", None, grads)
+    pytest.importorskip("tqdm")
+    cli.main(["--cases", "lstm-2layer", "--ops", "error_clip", "--quick", "--reps", "2",
+              "--no-compile", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
+    timed = {r["impl"]: r for r in records if "median_ms" in r}
+    assert set(timed) == {"tritonclip", "torch-loop"}
+    assert timed["tritonclip"]["bytes_moved"] == 3 * timed["tritonclip"]["grad_bytes"]  # CPU
+    assert timed["torch-loop"]["bytes_moved"] == 3 * timed["torch-loop"]["grad_bytes"]
+    assert "speedup_vs_torch" in timed["tritonclip"]  # against the loop: no foreach recipe

@@ -30,7 +30,19 @@ agc         4N: row norms of weights    (none)               9N: timm's
             write of clipped rows                            (``torch-loop``):
                                                              norms 2N, multiply
                                                              2N, where 3N, copy 2N
+error_clip  2N: each row read (the      (none)               3N: the tensor-hook
+            second read from L2) and                         recipe per tensor
+            its clipped copy written;                        (``torch-loop``): row
+            3N for rows longer than                          norms N, then read +
+            16 Ki elements (two reads)                       write (float32
+                                                             temporaries not
+                                                             counted)
 ==========  ==========================  ==================  =======================
+
+error_clip is the backward of ``tritonclip.error_clip(x, max_norm=ERROR_CLIP_MAX_NORM,
+dim=-1)``: each tensor of the set, taken as the gradient of an activation, is clipped out of
+place, row by row along its last dimension (a 1-D tensor is one row), against the recipe a
+user hand-rolls in a tensor hook.
 
 The step case reports ``clip_overhead_ms`` (time minus the optimizer-only time) and
 ``overhead_vs_torch`` (tritonclip's overhead over torch's): what clipping adds to a step.
@@ -48,9 +60,9 @@ import tritonclip.amp
 
 from . import shapes as shape_sets
 
-OPS = ("active", "inactive", "norm", "value", "amp", "step", "per_tensor", "agc")
+OPS = ("active", "inactive", "norm", "value", "amp", "step", "per_tensor", "agc", "error_clip")
 # --quick's default: the global-norm, value and AMP clips (the README's main job, in about a
-# minute on the CPU); per_tensor and agc run in full runs or with --ops.
+# minute on the CPU); per_tensor, agc and error_clip run in full runs or with --ops.
 QUICK_OPS = OPS[:6]
 # The step case compares these instead of the usual implementations.
 STEP_IMPLS = ("tritonclip", "torch-foreach", "optimizer-only")
@@ -59,7 +71,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
     """Bytes that ``impl`` must move for ``op`` on ``grads`` (the table above). tritonclip's
-    torch backend (CPU) clamps tensors below a size in two batched passes: counted as 4N."""
+    torch backend (CPU) clamps tensors below a size in two batched passes: counted as 4N, and
+    runs the error clip's torch recipe: 3N."""
+    if impl == "tritonclip" and op == "error_clip":
+        from tritonclip.kernels.error_clip import FUSED_ROW_MAX
+
+        return sum((2 if g.is_cuda and g.shape[-1] <= FUSED_ROW_MAX else 3)
+                   * g.numel() * g.element_size() for g in grads)
     if impl == "tritonclip" and op == "value" and grads and grads[0].device.type != "cuda":
         from tritonclip._torch_backend import _ONE_PASS_CLAMP_MIN_NUMEL as one_pass
 
@@ -71,12 +89,12 @@ def moved_bytes(impl: str, op: str, grads: list[torch.Tensor]) -> int:
 # Passes over the gradient bytes per call (see the table above), by implementation.
 PASSES = {
     "tritonclip": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "amp": 3, "step": 8,
-                   "per_tensor": 3, "agc": 4},
+                   "per_tensor": 3, "agc": 4, "error_clip": 2},
     "torch-foreach": {"active": 3, "inactive": 3, "norm": 1, "value": 4, "amp": 5, "step": 10,
                       "per_tensor": 3},
     "optimizer-only": {"step": 7},
     "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5,
-                   "per_tensor": 3, "agc": 9},
+                   "per_tensor": 3, "agc": 9, "error_clip": 3},
     "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
 }
 
@@ -95,6 +113,9 @@ PER_TENSOR_MAX_NORM = 1e-3
 # AGC with weights of unit-variance entries: the threshold 0.01 * |w_i| is above a normalized
 # gradient row's norm only for very long rows, so most rows are clipped.
 AGC_CLIP_FACTOR = 0.01
+# Error clipping's row limit: below a normalized row's norm for rows of more than about 100
+# elements of a set of TOTAL_NORM, so most rows are scaled.
+ERROR_CLIP_MAX_NORM = 1e-3
 
 
 @dataclasses.dataclass
@@ -234,6 +255,8 @@ def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
         return _per_tensor_callable(impl, params, grads)
     if op == "agc":
         return _agc_callable(impl, grads)
+    if op == "error_clip":
+        return _error_clip_callable(impl, grads)
     if impl == "tritonclip":
         if op == "norm":
             return lambda: tritonclip.get_total_norm(grads)
@@ -309,3 +332,26 @@ def _timm_agc(params, clip_factor, eps=1e-3):
         grad_norm = _unitwise_norm(g)
         clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
         g.copy_(torch.where(grad_norm < max_norm, g, clipped))
+
+
+def _error_clip_callable(impl, grads):
+    """The backward clip of ``error_clip(x, max_norm=ERROR_CLIP_MAX_NORM, dim=-1)`` for each
+    tensor of ``grads`` (out of place), or the tensor-hook recipe it replaces."""
+    from tritonclip import _error_clip_ops
+    from tritonclip.error_clip import _Options
+
+    if impl == "tritonclip":
+        options = _Options(None, None, None, ERROR_CLIP_MAX_NORM, -1, 2.0, 1e-6, None, None)
+        specs = [(g, options.spec(g)) for g in grads]
+        return lambda: [_error_clip_ops.clip(g, spec) for g, spec in specs]
+    if impl == "torch-loop":
+        return lambda: [hook_recipe(g, ERROR_CLIP_MAX_NORM) for g in grads]
+    raise KeyError("error_clip")
+
+
+def hook_recipe(g: torch.Tensor, max_norm: float, dim: int | None = -1,
+                eps: float = 1e-6) -> torch.Tensor:
+    """What a tensor hook clipping an activation's gradient by norm does by hand: float32
+    norms over ``dim`` (None: the whole tensor), the coefficient, the scale, the cast."""
+    norm = torch.linalg.vector_norm(g, dim=dim, keepdim=True, dtype=torch.float32)
+    return (g.float() * torch.clamp(max_norm / (norm + eps), max=1.0)).to(g.dtype)
