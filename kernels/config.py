@@ -1,9 +1,10 @@
 """Launch configuration of the streaming kernels, keyed by gradient dtype.
 
-Without a GPU measurement yet (the GPU tuning sweep belongs to the benchmark issue), the block
-is sized so that every thread of 4 warps issues four 16-byte accesses per loop iteration:
-BLOCK = 4 warps * 32 threads * 4 vectors * 16 bytes / element size. That is the usual shape of
-a bandwidth-bound Triton elementwise loop; replace with a measured table when one exists.
+Without a GPU measurement yet, the block is sized so that every thread of 4 warps issues
+four 16-byte accesses per loop iteration: BLOCK = 4 warps * 32 threads * 4 vectors * 16 bytes
+/ element size. That is the usual shape of a bandwidth-bound Triton elementwise loop. The
+sweep that should replace it with a measured table is ``python -m tritonclip.bench.tune``
+(``scripts/gpu_session.sh tune``); it has not run on a GPU yet.
 """
 
 import contextlib
@@ -37,6 +38,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def stream_config(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK elements per loop iteration, num_warps) of the streaming kernels."""
     return _BYTES_PER_ITERATION // dtype.itemsize, _NUM_WARPS
+
+
+@contextlib.contextmanager
+def stream_tuning(bytes_per_iteration: int, num_warps: int):
+    """Launch the streaming kernels with ``bytes_per_iteration`` (BLOCK times the element
+    size) and ``num_warps`` inside the block; for the tuning sweep (tritonclip.bench.tune).
+    Each thread must get at least one 16-byte vector per iteration."""
+    global _BYTES_PER_ITERATION, _NUM_WARPS
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+    if bytes_per_iteration < num_warps * 32 * VECTOR_BYTES or \
+            bytes_per_iteration & (bytes_per_iteration - 1):
+        raise ValueError(f"bytes_per_iteration must be a power of two of at least "
+                         f"{num_warps * 32 * VECTOR_BYTES} for {num_warps} warps, got "
+                         f"{bytes_per_iteration}")
+    saved = _BYTES_PER_ITERATION, _NUM_WARPS
+    _BYTES_PER_ITERATION, _NUM_WARPS = bytes_per_iteration, num_warps
+    stream_meta.cache_clear()
+    try:
+        yield
+    finally:
+        _BYTES_PER_ITERATION, _NUM_WARPS = saved
+        stream_meta.cache_clear()
 
 
 @functools.cache

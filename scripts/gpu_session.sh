@@ -5,6 +5,7 @@
 # is left. The machine has torch and triton but no network: tritonclip installs without deps.
 #
 #   COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh
+#   COMMIT=... bash scripts/gpu_session.sh tune    # a second call: the launch-config sweep
 #
 # (The device copy of the repository may carry stale git metadata: pass the commit in.)
 set -uo pipefail
@@ -21,6 +22,13 @@ strip() { tr '\r' '\n' | grep -v '^\s*$' | grep -v 'it/s\]$\|s/case\]$'; }
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 } > "$OUT/versions.txt" 2>&1
 pip install --quiet --no-deps --no-build-isolation -e . >> "$OUT/versions.txt" 2>&1
+
+if [ "${1:-}" = tune ]; then
+  TRITON_INTERPRET=0 timeout 560 python -m tritonclip.bench.tune --out "$OUT/tune" 2>&1 \
+    | strip > "$OUT/tune.txt"
+  echo "done in $((SECONDS - start)) s" >> "$OUT/versions.txt"
+  exit 0
+fi
 
 TRITON_INTERPRET=0 timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu \
   tests/test_launch.py 2>&1 | strip | tail -40 > "$OUT/gpu-tests.txt"

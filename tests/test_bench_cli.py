@@ -109,3 +109,40 @@ def test_error_clip_case_clips_rows_like_the_hook_recipe(tmp_path, capsys):
     assert timed["tritonclip"]["bytes_moved"] == 3 * timed["tritonclip"]["grad_bytes"]  # CPU
     assert timed["torch-loop"]["bytes_moved"] == 3 * timed["torch-loop"]["grad_bytes"]
     assert "speedup_vs_torch" in timed["tritonclip"]  # against the loop: no foreach recipe
+
+
+def test_tuning_sweep_launches_every_candidate_and_restores_the_default(tmp_path, monkeypatch):
+    from tritonclip.bench import tune
+    from tritonclip.kernels import config, scale
+
+    blocks = []
+    real = scale._launch_scale_kernel.kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                blocks.append((kwargs["BLOCK"], kwargs["num_warps"]))
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(scale._launch_scale_kernel, "kernel", Recording())
+    default = config.stream_config(torch.bfloat16)
+    tune.main(["--allow-cpu", "--sizes-mb", "0.0625", "--dtype", "bf16", "--reps", "1",
+               "--out", str(tmp_path)])
+    assert config.stream_config(torch.bfloat16) == default
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert len(result["records"]) == len(tune.CANDIDATES) * len(tune.PASSES)
+    assert len(result["best"]) == len(tune.PASSES)
+    assert all(r["default_ms"] is not None for r in result["best"])
+    # the scale pass really ran with each candidate's block and warps
+    assert set(blocks) == {(b // 2, w) for b, w in tune.CANDIDATES}
+
+
+def test_stream_tuning_refuses_blocks_too_small_for_the_warps():
+    from tritonclip.kernels import config
+
+    with pytest.raises(ValueError, match="bytes_per_iteration"):
+        with config.stream_tuning(2048, 8):
+            pass
+    with pytest.raises(ValueError, match="num_warps"):
+        with config.stream_tuning(8192, 3):
+            pass
