@@ -15,23 +15,25 @@ launches as usual, and returns the compiled kernel), keeps the compiled kernel u
 what Triton specializes on, and afterwards makes the call ``JITFunction.run`` ends with: the
 compiled launcher with the grid, the current stream, the launch metadata and hooks (so
 profilers such as proton still see every launch) and every argument in declared order,
-constexprs included. Triton 3.x (3.6 and 3.9 are tested) makes that same call.
+constexprs included. Triton 3.6 to 3.9 end ``JITFunction.run`` with that call; each was
+checked (tests/launch_check.py, which CI runs on the installed release). Other releases, and
+``TRITONCLIP_DIRECT_LAUNCH=0`` in the environment, keep Triton's path for every launch.
 
 The key is at least as fine as Triton's own specialization: for each argument its constexpr
 value, or the dtype of a tensor and whether its address is 16-byte aligned (unless the
 parameter is ``do_not_specialize_on_alignment``), or an integer's width class (i32, i64,
 u64) and, unless ``do_not_specialize``, whether it equals 1 and whether it is a multiple of 16;
-plus the launch options and the current device. A test launches every kernel of the package
-through a null driver both ways and checks that each key finds the kernel Triton would have
-run (tests/launch_check.py).
+plus the launch options and the current device. Calls of any other shape (a callable grid,
+an argument of another type, a constexpr that cannot be hashed) go through Triton.
 
-Not seen by the direct path: Triton's runtime knobs ``TRITON_DEBUG`` and instrumentation
-modes changed after a variant's first launch (set them before, by environment variable),
+Not seen by the direct path, once a variant has been launched: Triton's runtime and
+compilation knobs changed afterwards (``TRITON_DEBUG``, instrumentation modes, triton 3.9's
+``add_stages_inspection_hook`` and ``fpsan_homomorphic_casts``: set them before, by
+environment variable), a cleared ``JITFunction.device_caches``,
 ``JITFunction.pre_run_hooks`` (a kernel with hooks always goes through ``JITFunction.run``),
 and the check that the kernel's global constants have not been reassigned (this package's
 kernels read module constants only). Under ``TRITON_INTERPRET=1`` kernels are not compiled,
-and every launch goes through Triton; so does every launch on a Triton older than 3.6 (whose
-launcher takes other arguments) and with ``TRITONCLIP_DIRECT_LAUNCH=0`` in the environment.
+and every launch goes through Triton.
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ def _version(text: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-# Checked on 3.6 and 3.9 (tests/launch_check.py runs in CI on the installed release).
-# TRITONCLIP_DIRECT_LAUNCH=0 sends every launch through JITFunction.run.
-_TRITON_SUPPORTED = (knobs is not None and _version(triton.__version__) >= (3, 6)
-                     and os.environ.get("TRITONCLIP_DIRECT_LAUNCH", "1") != "0")
+# The releases whose JITFunction.run ends with the call Launcher makes (checked one by one).
+_CHECKED_RELEASES = ((3, 6), (3, 9))
+COMPATIBLE = (knobs is not None
+              and _CHECKED_RELEASES[0] <= _version(triton.__version__) <= _CHECKED_RELEASES[1])
+_SWITCHED_ON = os.environ.get("TRITONCLIP_DIRECT_LAUNCH", "1") != "0"
 
 _I32_LIMIT = 2 ** 31  # Triton passes ints in [-2**31, 2**31) as i32, then i64, then u64
 _I64_LIMIT = 2 ** 63
@@ -70,7 +73,7 @@ _COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
 
 def direct_launch_enabled() -> bool:
     """Whether compiled kernels are launched directly after their first launch (see above)."""
-    return _TRITON_SUPPORTED and not interpreted()
+    return COMPATIBLE and _SWITCHED_ON and not interpreted()
 
 
 class Launcher:
@@ -83,29 +86,37 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        # not under TRITON_INTERPRET (which makes kernels InterpretedFunctions)
-        self._direct = _TRITON_SUPPORTED and isinstance(kernel, JITFunction)
+        # Compiled kernels only: under TRITON_INTERPRET they are InterpretedFunctions.
+        compiled = isinstance(kernel, JITFunction)
+        self._direct = COMPATIBLE and _SWITCHED_ON and compiled
         # (number of positional arguments, keyword items) -> (tail, {(device, kinds): kernel})
         self._variants: dict = {}
-        if self._direct:
+        if compiled:
             # per parameter: None for a constexpr, else (specialize ints, specialize alignment)
             self._rules = tuple(None if p.is_constexpr
                                 else (not p.do_not_specialize, not p.do_not_specialize_on_alignment)
                                 for p in kernel.params)
 
     def __call__(self, grid: tuple, *args, **kwargs) -> None:
-        if not self._direct or self.kernel.pre_run_hooks:
+        if not self._direct or self.kernel.pre_run_hooks or callable(grid):
             self.kernel[grid](*args, **kwargs)
             return
         options = (len(args), tuple(kwargs.items()))  # keyword constexprs and launch options
-        variant = self._variants.get(options)
+        try:
+            variant = self._variants.get(options)
+        except TypeError:  # a value that cannot be hashed
+            self.kernel[grid](*args, **kwargs)
+            return
         if variant is None:
             variant = self._variants[options] = (self._tail(len(args), kwargs), {})
         tail, compiled_by_kinds = variant
         device = driver.active.get_current_device()
         kinds = None if tail is None else self._kinds(args)
         key = None if kinds is None else (device, kinds)
-        compiled = None if key is None else compiled_by_kinds.get(key)
+        try:
+            compiled = None if key is None else compiled_by_kinds.get(key)
+        except TypeError:  # a constexpr given by position that cannot be hashed
+            key = compiled = None
         if compiled is None:
             # compiles (or finds) and launches the variant; afterwards launch it directly
             compiled = self.kernel[grid](*args, **kwargs)

@@ -81,6 +81,14 @@ def scenarios():
                lambda x=x, o=out: error_clip.clamp_out(x, o, -0.5, 0.5))
 
 
+def _metadata(value):
+    """Launch metadata (a LazyDict, or None where no hook is set) as plain data."""
+    data = getattr(value, "data", value)
+    if not isinstance(data, dict):
+        return repr(data)
+    return sorted((k, id(v) if k == "function" else repr(v)) for k, v in data.items())
+
+
 def _normalized(record):
     """Launcher calls with fresh tensors replaced by what Triton specializes on them."""
     def arg(value):
@@ -91,14 +99,47 @@ def _normalized(record):
         return ("object", id(value))
     calls = []
     for launcher, args in record:
-        grid, (stream, function, packed, _metadata, enter, exit_) = args[:3], args[3:9]
-        calls.append([id(launcher), list(grid), stream, id(function), repr(packed), id(enter),
-                      id(exit_), [arg(a) for a in args[9:]]])
+        grid, (stream, function, packed, metadata, enter, exit_) = args[:3], args[3:9]
+        calls.append([id(launcher), list(grid), stream, id(function), repr(packed),
+                      _metadata(metadata), id(enter), id(exit_), [arg(a) for a in args[9:]]])
     return calls
 
 
+class _Received:
+    """Stands in for a module's Launcher and logs what each call gave it."""
+
+    def __init__(self, launcher, log):
+        self.launcher, self.log = launcher, log
+
+    def __call__(self, grid, *args, **kwargs):
+        self.log.append((self.launcher, grid, args, kwargs))
+        return self.launcher(grid, *args, **kwargs)
+
+
+def _passed_through(received, record) -> bool:
+    """Whether each launcher call carried exactly what its Launcher was given: the grid
+    (padded to three), the very argument objects in order, then the constexprs by name or
+    default, in declared order."""
+    if len(received) != len(record):
+        return False
+    for (launcher, grid, args, kwargs), (_, call) in zip(received, record):
+        if list(call[:3]) != (list(grid) + [1, 1])[:3]:
+            return False
+        params = launcher.kernel.params
+        tail = [kwargs[p.name] if p.name in kwargs else p.default for p in params[len(args):]]
+        passed = call[9:]
+        if len(passed) != len(params) or any(a is not b for a, b in zip(passed, args)):
+            return False
+        if any(type(a) is not type(b) or a != b for a, b in zip(passed[len(args):], tail)):
+            return False
+    return True
+
+
 def check_package(launchers=LAUNCHERS, only=None):
-    """Triton's path, then two rounds of direct launches; the second round must match."""
+    """Triton's path, then two rounds of direct launches; the second round must make the
+    same launcher calls as Triton's path, pass through what it was given, and go through
+    JITFunction.run not once. Every scenario runs on device 0 with stream 0, and again on
+    device 1 with stream 7 (a key without the device, or a cached stream, would show)."""
     routed = {"count": 0}
     for launcher in launchers:
         original = launcher.kernel.run
@@ -107,26 +148,41 @@ def check_package(launchers=LAUNCHERS, only=None):
             routed["count"] += 1
             return _original(*args, **kwargs)
         launcher.kernel.run = counting
+    received: list = []
+    modules = (norm, scale, clamp, error_clip)
+    originals = {(m, n): v for m in modules for n, v in vars(m).items()
+                 if any(v is launcher for launcher in launchers)}
+    for (module, name), launcher in originals.items():
+        setattr(module, name, _Received(launcher, received))
 
     results = {}
     record: list = []
-    with null_driver(90, record):
-        for name, run in scenarios():
-            if only is not None and name != only:
-                continue
-            for launcher in launchers:
-                launcher._direct = False
-            record.clear()
-            run()
-            through_triton = _normalized(record)
-            for launcher in launchers:
-                launcher._direct = True
-            run()  # first direct round: each new variant still goes through Triton once
-            record.clear()
-            routed["count"] = 0
-            run()
-            results[name] = {"same_calls": _normalized(record) == through_triton,
-                             "launches": len(record), "through_triton": routed["count"]}
+    try:
+        with null_driver(90, record) as active:
+            for device, stream in ((0, 0), (1, 7)):
+                active.device, active.stream = device, stream
+                for name, run in scenarios():
+                    if only is not None and name != only:
+                        continue
+                    for launcher in launchers:
+                        launcher._direct = False
+                    record.clear()
+                    run()
+                    through_triton = _normalized(record)
+                    for launcher in launchers:
+                        launcher._direct = True
+                    run()  # first direct round: each new variant still goes through Triton
+                    record.clear()
+                    received.clear()
+                    routed["count"] = 0
+                    run()
+                    results[f"{name}@{device}"] = {
+                        "same_calls": _normalized(record) == through_triton,
+                        "passed_through": _passed_through(received, record),
+                        "launches": len(record), "through_triton": routed["count"]}
+    finally:
+        for (module, name), launcher in originals.items():
+            setattr(module, name, launcher)
     return results
 
 
@@ -154,41 +210,75 @@ class _ShuffledLauncher(launch.Launcher):
 
 def check_keys(launcher_type=launch.Launcher):
     """Calls across the specialization boundaries of ints (1, multiples of 16, i32/i64/u64
-    widths), tensor alignment and dtype; returns the calls that ran another kernel."""
+    widths), tensor alignment and dtype, and with the constexpr given by position; returns
+    the calls that ran another kernel than Triton would."""
     probe = launcher_type(_probe_kernel)
     x32, x16 = torch.randn(64), torch.randn(64).half()
     y = torch.empty(65)
     ints = [1, 2, 16, 17, 32, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -1, -16, -(2**31),
             -(2**31) - 1, 2**63 - 1, 2**63, 2**64 - 16]
-    calls = [(x32, y, n, 3, 0.5) for n in ints] + [(x32, y, 5, m, 0.5) for m in ints]
-    calls += [(x, out, 16, 1, 2.0) for x in (x32, x32[1:], x16, x16[1:]) for out in (y, y[1:])]
+    by_keyword = {"BLOCK": 64}
+    calls = [((x32, y, n, 3, 0.5), by_keyword) for n in ints]
+    calls += [((x32, y, 5, m, 0.5), by_keyword) for m in ints]
+    calls += [((x, out, 16, 1, 2.0), by_keyword)
+              for x in (x32, x32[1:], x16, x16[1:]) for out in (y, y[1:])]
+    calls += [((x32, y, 16, 1, 2.0, block), {}) for block in (64, 32, 64, 32)]
     wrong = []
     record: list = []
     with null_driver(90, record):
-        for args in calls:
+        for args, kwargs in calls:
             for _ in range(2):  # the first may compile through Triton; the second is direct
                 record.clear()
-                probe((1,), *args, BLOCK=64)
-            expected = _probe_kernel.warmup(*args, grid=(1,), BLOCK=64)
+                probe((1,), *args, **kwargs)
+            expected = _probe_kernel.warmup(*args, grid=(1,), **kwargs)
             if len(record) != 1 or record[0][0] is not expected.run:
                 wrong.append(repr([a if not isinstance(a, torch.Tensor) else
                                    (str(a.dtype), a.data_ptr() % 16) for a in args]))
+        # a callable grid goes through Triton, which calls it with the bound arguments
+        for _ in range(2):
+            record.clear()
+            probe(lambda meta: (1,), x32, y, 16, 1, 2.0, BLOCK=64)
+        callable_grid = len(record) == 1 and record[0][1][:3] == (1, 1, 1)
     compiled = sum(len(by_kinds) for _, by_kinds in probe._variants.values())
-    return {"calls": len(calls), "compiled": compiled, "wrong": wrong}
+    return {"calls": len(calls), "compiled": compiled, "wrong": wrong,
+            "callable_grid": callable_grid}
+
+
+class _StaleLauncher(launch.Launcher):
+    """Negative control: launches every call with the first call's arguments."""
+
+    first = None
+
+    def __call__(self, grid, *args, **kwargs):
+        if self.first is None:
+            self.first = args
+        return super().__call__(grid, *self.first, **kwargs)
 
 
 def check_controls():
     """The checks above must fail for a launcher that is wrong."""
-    shuffled = _ShuffledLauncher(scale._scale_kernel)
-    real, scale._launch_scale_kernel = scale._launch_scale_kernel, shuffled
-    try:
-        package = check_package([shuffled], only="scale-float32")["scale-float32"]
-    finally:
-        scale._launch_scale_kernel = real
-    return {"coarse_key_wrong": len(check_keys(_CoarseLauncher)["wrong"]),
-            "shuffled_same_calls": package["same_calls"]}
+    controls = {}
+    # (control, module, its launcher, a scenario of that launcher); norm_clip allocates the
+    # norm and coefficient it returns on every call, so stale arguments differ from fresh ones
+    for name, launcher_type, module, attribute, scenario in (
+            ("shuffled", _ShuffledLauncher, scale, "_launch_scale_kernel", "scale-float32"),
+            ("stale", _StaleLauncher, norm, "_launch_norm_kernel", "norm_clip-float32")):
+        real = getattr(module, attribute)
+        control = launcher_type(real.kernel)
+        setattr(module, attribute, control)
+        try:
+            result = check_package([control], only=scenario)[f"{scenario}@0"]
+        finally:
+            setattr(module, attribute, real)
+        controls[name] = result["same_calls"] and result["passed_through"]
+    controls["coarse_key_wrong"] = len(check_keys(_CoarseLauncher)["wrong"])
+    return controls
 
 
 if __name__ == "__main__":
-    print(json.dumps({"triton": triton.__version__, "keys": check_keys(),
-                      "package": check_package(), "controls": check_controls()}))
+    if not launch.COMPATIBLE:
+        print(json.dumps({"triton": triton.__version__, "compatible": False}))
+    else:
+        print(json.dumps({"triton": triton.__version__, "compatible": True,
+                          "keys": check_keys(), "package": check_package(),
+                          "controls": check_controls()}))

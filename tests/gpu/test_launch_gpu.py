@@ -21,6 +21,8 @@ _LAUNCHERS = [value for module in (norm, scale, clamp, error_clip_kernels)
 @pytest.fixture
 def triton_runs(monkeypatch):
     """Counts launches that go through JITFunction.run; restores the direct path after."""
+    if not launch.COMPATIBLE:
+        pytest.skip("this triton release keeps Triton's launch path")
     count = [0]
     for launcher in _LAUNCHERS:
         original = launcher.kernel.run

@@ -7,6 +7,9 @@ a launch on a machine without a GPU (``python -m tritonclip.bench.host``) and le
 check which compiled kernel each launch would run (tests/launch_check.py).
 
 The kernels must be compiled ones: import triton and tritonclip without ``TRITON_INTERPRET``.
+Use it in a process of its own: the kernels compiled under it keep their null launchers in
+Triton's kernel cache (and in tritonclip's launchers) after the block, so a real launch later
+in the same process would do nothing.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ class _NullUtils:
 
 
 class NullDriver:
-    """Compiles for ``GPUTarget("cuda", arch, 32)``; device 0, stream 0."""
+    """Compiles for ``GPUTarget("cuda", arch, 32)``. The current device and stream are the
+    attributes ``device`` and ``stream`` (0, 0), which a test may change between launches."""
 
     def __init__(self, arch: int = 90, record: list | None = None):
         self.target = GPUTarget("cuda", arch, 32)
         self.utils = _NullUtils()
         self.record = record
+        self.device = 0
+        self.stream = 0
 
     launcher_cls = NullLauncher
 
@@ -62,13 +68,13 @@ class NullDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def set_current_device(self, device):
-        pass
+        self.device = device
 
     def get_current_stream(self, device=None):
-        return 0
+        return self.stream
 
     def get_device_capability(self, device=None):
         return divmod(self.target.arch, 10)
