@@ -1,6 +1,7 @@
 """Triton kernels of tritonclip and their launchers. No policy lives here: callers choose
 groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
 
+from . import clamp, error_clip, launch, norm, scale
 from .clamp import clamp_
 from .norm import (
     accumulation_dtype,
@@ -26,8 +27,14 @@ from .plan import (
 from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
 from .scale import scale_, scale_each_
 
+# Every kernel launcher of the package (kernels/launch.py), for tools and tests that switch
+# the direct launch off and on or count launches.
+LAUNCHERS = tuple(value for module in (norm, scale, clamp, error_clip)
+                  for value in vars(module).values() if isinstance(value, launch.Launcher))
+
 __all__ = [
     "CHUNK",
+    "LAUNCHERS",
     "VECTOR_BYTES",
     "Launch",
     "LaunchPlan",

@@ -207,13 +207,9 @@ class _LaunchCounter:
 
 @pytest.fixture
 def launches(monkeypatch):
-    from tritonclip.kernels import clamp, launch, norm, scale
-
     log = []
-    for module in (norm, scale, clamp):
-        for launcher in vars(module).values():
-            if isinstance(launcher, launch.Launcher):
-                monkeypatch.setattr(launcher, "kernel", _LaunchCounter(launcher.kernel, log))
+    for launcher in kernels.LAUNCHERS:
+        monkeypatch.setattr(launcher, "kernel", _LaunchCounter(launcher.kernel, log))
     return log
 
 

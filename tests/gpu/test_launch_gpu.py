@@ -10,13 +10,9 @@ import tritonclip
 from helpers import DTYPE_IDS, DTYPES, params_with, random_grads
 from tritonclip.amp import unscale_and_clip_grads_
 from tritonclip.error_clip import error_clip
-from tritonclip.kernels import clamp, error_clip as error_clip_kernels, launch, norm, scale
+from tritonclip.kernels import LAUNCHERS as _LAUNCHERS, launch
 
 pytestmark = pytest.mark.gpu
-
-_LAUNCHERS = [value for module in (norm, scale, clamp, error_clip_kernels)
-              for value in vars(module).values() if isinstance(value, launch.Launcher)]
-
 
 @pytest.fixture
 def triton_runs(monkeypatch):

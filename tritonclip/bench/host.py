@@ -34,10 +34,7 @@ import tritonclip  # noqa: E402
 from tritonclip import _groups  # noqa: E402
 from tritonclip.amp import unscale_and_clip_grads_  # noqa: E402
 from tritonclip.bench.null_driver import null_driver  # noqa: E402
-from tritonclip.kernels import clamp, error_clip, launch, norm, scale  # noqa: E402
-
-_LAUNCHERS = [value for module in (norm, scale, clamp, error_clip)
-              for value in vars(module).values() if isinstance(value, launch.Launcher)]
+from tritonclip.kernels import LAUNCHERS  # noqa: E402
 
 # (label, number of tensors, elements per tensor)
 SETS = [("1 x 1M", 1, 1 << 20), ("100 x 4K", 100, 4096), ("2000 x 4K", 2000, 4096)]
@@ -61,7 +58,7 @@ def _per_call_us(fn, calls: int, repeat: int) -> float:
 
 
 def _set_direct(direct: bool) -> None:
-    for launcher in _LAUNCHERS:
+    for launcher in LAUNCHERS:
         launcher._direct = direct
 
 
