@@ -93,6 +93,15 @@ class _HistoryClipper:
     """What AutoClip and ZClip share: a step takes the global norm, asks the subclass for a
     coefficient from it (``_coefficient``; None: leave the gradients alone) and scales."""
 
+    def __init__(self, norm_type, eps, foreach, backend):
+        """The arguments every such clipper takes, checked; no threshold or coefficient yet."""
+        self.norm_type = _validate.norm_type_value(norm_type)
+        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+        self.foreach = _validate.foreach_value(foreach)
+        self.backend = _validate.backend_name(backend)
+        self.last_threshold: torch.Tensor | None = None
+        self.last_coef: torch.Tensor | None = None
+
     @torch.no_grad()
     def step(self, parameters: TensorOrTensors) -> torch.Tensor:
         """Clip the gradients of ``parameters`` by the current threshold and update the
@@ -154,16 +163,11 @@ class AutoClip(_HistoryClipper):
         if history is not None and (isinstance(history, bool) or not isinstance(history, int)
                                     or history < 1):
             raise ValueError(f"history must be None or a positive int, got {history!r}")
+        super().__init__(norm_type, eps, foreach, backend)
         self.percentile = percentile
         self.history = history
-        self.norm_type = _validate.norm_type_value(norm_type)
-        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-        self.foreach = _validate.foreach_value(foreach)
-        self.backend = _validate.backend_name(backend)
         self._count = 0
         self._norms: torch.Tensor | None = None
-        self.last_threshold: torch.Tensor | None = None
-        self.last_coef: torch.Tensor | None = None
 
     def _coefficient(self, norm: torch.Tensor) -> torch.Tensor:
         """Record the norm, then the coefficient for the percentile of the history."""
@@ -292,25 +296,20 @@ class ZClip(_HistoryClipper):
                              f"{clip_option!r}")
         if not isinstance(skip_update_on_spike, bool):
             raise TypeError(f"skip_update_on_spike must be a bool, got {skip_update_on_spike!r}")
+        super().__init__(norm_type, eps, foreach, backend)
         self.alpha = alpha
         self.z_thresh = z_thresh
         self.max_grad_norm = (None if max_grad_norm is None
                               else _validate.nonnegative(max_grad_norm, "max_grad_norm"))
-        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
         self.warmup_steps = warmup_steps
         self.mode = mode
         self.clip_option = clip_option
         self.clip_factor = _validate.nonnegative(clip_factor, "clip_factor", allow_inf=False)
         self.skip_update_on_spike = skip_update_on_spike
-        self.norm_type = _validate.norm_type_value(norm_type)
-        self.foreach = _validate.foreach_value(foreach)
-        self.backend = _validate.backend_name(backend)
         self._step = 0
         self._warmup: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
-        self.last_threshold: torch.Tensor | None = None
-        self.last_coef: torch.Tensor | None = None
         self.last_spike: torch.Tensor | None = None
 
     @property
