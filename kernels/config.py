@@ -79,9 +79,14 @@ def finalize_config() -> tuple[int, int]:
     return 1024, 4
 
 
+def interpreter_requested() -> bool:
+    """Whether the environment asks, now, for Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 # Read once, at import, as Triton reads it: @triton.jit wraps the kernels for its interpreter
 # or for compilation when they are defined.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_INTERPRETED = interpreter_requested()
 
 
 def interpreted() -> bool:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
-import os
 import weakref
 from typing import NamedTuple
 
 import torch
 
-from . import _validate
+from . import _validate, kernels
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -102,8 +101,9 @@ def dense_extent(t: torch.Tensor) -> bool:
 
 
 def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its interpreter (which accepts CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """Whether Triton runs kernels in its interpreter (which accepts CPU tensors), as the
+    environment says at the call."""
+    return kernels.config.interpreter_requested()
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype,
