@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.testing
 
-from tritonclip import _error_clip_ops
+from tritonclip import _core
 from tritonclip.bench.cases import hook_recipe
 from tritonclip.error_clip import _Options
 
@@ -53,7 +53,7 @@ def main() -> None:
                 recipe = lambda: hook_recipe(g, kwargs["max_norm"], kwargs.get("dim"))  # noqa: E731
             else:
                 recipe = lambda: g.clamp(kwargs["lo"], kwargs["hi"])  # noqa: E731
-            ours = lambda: _error_clip_ops.clip(g, spec)  # noqa: E731
+            ours = lambda: _core.clip_activation_grad(g, spec)  # noqa: E731
             copy_ms = _ms(lambda: torch.empty_like(g).copy_(g))
             torch_ms, ours_ms = _ms(recipe), _ms(ours)
             nbytes = 2 * g.numel() * g.element_size()

@@ -1,5 +1,6 @@
 """Triton kernels of tritonclip and their launchers. No policy lives here: callers choose
-groups, backends and coefficients; these functions launch over a :class:`LaunchPlan`."""
+groups, backends and coefficients, and keep the plans; these functions launch over a
+:class:`LaunchPlan` (or, for error clipping, over one contiguous tensor)."""
 
 from . import clamp, error_clip, launch, norm, scale
 from .clamp import clamp_
@@ -10,52 +11,31 @@ from .norm import (
     group_power,
     norm_clip,
     norm_partials,
-    unscale_norm_clip,
+    result_dtype,
 )
-from .plan import (
-    CHUNK,
-    VECTOR_BYTES,
-    Launch,
-    LaunchPlan,
-    LRUCache,
-    PlanCache,
-    Streams,
-    is_vector_aligned,
-    keep_for_graphs,
-    plan_cache,
-)
-from .rows import RowPlan, RowPlanCache, build_row_plan, row_plan_cache
+from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, Streams, build_plan, is_vector_aligned
+from .rows import build_row_plan
 from .scale import scale_, scale_each_
-
-# Every kernel launcher of the package (kernels/launch.py), for tools and tests that switch
-# the direct launch off and on or count launches.
-LAUNCHERS = tuple(value for module in (norm, scale, clamp, error_clip)
-                  for value in vars(module).values() if isinstance(value, launch.Launcher))
 
 __all__ = [
     "CHUNK",
-    "LAUNCHERS",
     "VECTOR_BYTES",
     "Launch",
     "LaunchPlan",
-    "LRUCache",
-    "PlanCache",
-    "RowPlan",
-    "RowPlanCache",
     "Streams",
     "accumulation_dtype",
+    "build_plan",
     "build_row_plan",
     "clamp_",
+    "error_clip",
     "finalize",
     "fuses_coefficient",
     "group_power",
     "is_vector_aligned",
-    "keep_for_graphs",
+    "launch",
     "norm_clip",
     "norm_partials",
-    "plan_cache",
-    "row_plan_cache",
+    "result_dtype",
     "scale_",
     "scale_each_",
-    "unscale_norm_clip",
 ]

@@ -34,6 +34,13 @@ def chunk_bounds(
 
 
 @triton.jit
+def from_bits(bits):
+    """The float64 whose bit pattern is ``bits`` (``config.float64_bits``). The interpreter
+    passes small ints as int32: widen first."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def any_nan(x):
     """True when any element of the block ``x`` is NaN (GPU max/min reductions drop NaN)."""
     return tl.max((x != x).to(tl.int32), axis=0) > 0
@@ -73,8 +80,17 @@ def exact_root(power, NORM: tl.constexpr):
 
 @triton.jit
 def clip_coefficient(norm, max_norm, eps):
-    """min(max_norm / (norm + eps), 1) for a float32 ``norm``, as torch evaluates it for a
-    Python scalar ``max_norm``: reciprocal (IEEE-rounded), then multiply; the same two
-    roundings give the same coefficient, bit for bit. NaN propagates."""
-    coef = tl.div_rn(1.0, norm + eps) * max_norm
-    return tl.minimum(coef, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    """min(max_norm / (norm + eps), 1) in ``norm``'s dtype (float32, or float64 for float64
+    gradients), as torch evaluates it for a Python scalar ``max_norm`` and ``eps`` (both
+    rounded to that dtype first): reciprocal (IEEE-rounded), then multiply; the same roundings
+    give the same coefficient, bit for bit. NaN propagates. Where ``norm + eps`` is 0 (a zero
+    norm with ``eps=0``) the coefficient is 1: there is nothing to clip, and 0 / 0 would turn
+    the zero gradients into NaN (torch gives NaN there: a documented difference)."""
+    max_norm = tl.cast(max_norm, norm.dtype)
+    denominator = norm + tl.cast(eps, norm.dtype)
+    if denominator.dtype == tl.float64:
+        reciprocal = 1.0 / denominator  # float64 division is IEEE-rounded (div.rn.f64)
+    else:
+        reciprocal = tl.div_rn(1.0, denominator)  # float32 "/" is approximate on a GPU
+    coef = tl.minimum(reciprocal * max_norm, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(denominator == 0, 1.0, coef)

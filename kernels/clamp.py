@@ -5,9 +5,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._helpers import chunk_bounds, store_cast
+from ._helpers import chunk_bounds, from_bits, store_cast
 from .config import float64_bits, on_device, soft_bf16_rounding, stream_meta
-from .launch import Launcher
+from .launch import launch
 from .plan import LaunchPlan
 
 
@@ -22,25 +22,24 @@ def _clamp_chunk(base, start, end, lo, hi, DTYPE: tl.constexpr, ACC: tl.constexp
         tl.store(base + offs, store_cast(tl.where(x != x, x, y), DTYPE, SOFT_BF16), mask=mask)
 
 
-# Neither sizes nor bound bits are specialized (bits of 1 would become a constexpr, and
-# each new bound would compile anew).
+# Sizes and bounds are typed and not specialized: one compilation per (dtype, alignment) serves
+# every model and bound, and a plan may relaunch it (see launch.py).
 @triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks",
                                "lo_bits", "hi_bits"])
 def _clamp_kernel(
     # the two streams of a plan (see plan.Streams)
-    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
-    # bounds, as the bit patterns of float64 values (Triton passes Python floats as float32,
-    # which would round the bounds of float64 gradients)
-    lo_bits, hi_bits,
+    first_table, first_spans: tl.int64, first_chunks: tl.int64,
+    second_table, second_spans: tl.int64, second_chunks: tl.int64,
+    # bounds, as the bits of float64 values (config.float64_bits)
+    lo_bits: tl.int64, hi_bits: tl.int64,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
     """g = min(max(g, lo), hi) over chunk ``pid`` of the plan; NaN stays NaN (as torch.clamp)."""
-    # A bound whose bits fit in 32 bits (0.0) arrives as i32: widen before the bitcast.
-    lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    lo = from_bits(lo_bits).to(ACC)
+    hi = from_bits(hi_bits).to(ACC)
     pid = tl.program_id(0).to(tl.int64)
     if pid < first_chunks:
         base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
@@ -52,7 +51,10 @@ def _clamp_kernel(
         _clamp_chunk(base, start, end, lo, hi, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
-_launch_clamp_kernel = Launcher(_clamp_kernel)
+def clamp_meta(dtype, aligned: bool) -> dict:
+    """The constexprs and launch options of a clamp launch over a plan of ``dtype`` whose
+    first stream is ``aligned`` (also what kernels.registry compiles)."""
+    return dict(stream_meta(dtype), ALIGNED=aligned, SOFT_BF16=soft_bf16_rounding())
 
 
 def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
@@ -62,9 +64,5 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     if streams.n_programs == 0:
         return
     with on_device(plan.device):
-        _launch_clamp_kernel(
-            (streams.n_programs,),
-            *streams.args, float64_bits(lo), float64_bits(hi),
-            ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
-            **stream_meta(plan.dtype),
-        )
+        launch(_clamp_kernel, (streams.n_programs,), (*streams.args, float64_bits(lo), float64_bits(hi)),
+               clamp_meta(plan.dtype, streams.first_aligned), plan.kept)

@@ -63,6 +63,8 @@ def stream_tuning(bytes_per_iteration: int, num_warps: int):
         stream_meta.cache_clear()
 
 
+# Not state: a pure function of the dtype and the two module constants above (whose only
+# writer, stream_tuning, clears it), cached because every launch asks for it.
 @functools.cache
 def stream_meta(dtype: torch.dtype) -> Mapping:
     """Meta-parameters shared by the streaming kernels (norm partials, scale, clamp) for
@@ -110,5 +112,8 @@ def on_device(device: torch.device):
 
 def float64_bits(value: float) -> int:
     """The bit pattern of ``value`` as a float64, as a signed int: how the kernels take float
-    scalars that must keep float64 precision (bitcast back in the kernel)."""
+    scalars (parameters annotated ``tl.int64``, bitcast back with ``_helpers.from_bits``).
+    Triton passes a Python float as float32, and its interpreter rounds one to float32 when
+    it is cast, so this is how float64 gradients keep the precision of their bounds, order
+    and threshold."""
     return struct.unpack("<q", struct.pack("<d", value))[0]

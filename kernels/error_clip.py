@@ -36,6 +36,7 @@ from ._helpers import (
     NORM_SUM_SQUARES,
     clip_coefficient,
     exact_root,
+    from_bits,
     store_cast,
 )
 from .config import (
@@ -47,8 +48,8 @@ from .config import (
     soft_bf16_rounding,
     stream_config,
 )
+from .launch import launch
 from .norm import norm_mode as _norm_mode
-from .launch import Launcher
 from .plan import VECTOR_BYTES, is_vector_aligned
 
 # Rows up to this many elements take the fused kernel. A program then reads a row twice;
@@ -141,16 +142,16 @@ def _scale_rows(
 # ---------------------------------------------------------------------------------------
 
 
-# Sizes and bound bits are not specialized (a value of 1 would become a constexpr, and
-# every new activation size or bound would compile anew).
+# Sizes and bounds are not specialized (a value of 1 would become a constexpr, and every new
+# activation size or bound would compile anew).
 @triton.jit(do_not_specialize=["numel", "lo_bits", "hi_bits"])
 def _clamp_out_kernel(
     # pointers
     x_ptr, out_ptr, counts_ptr,
     # sizes
     numel,
-    # bounds, as the bits of float64 values (a Python float would arrive as float32)
-    lo_bits, hi_bits,
+    # bounds, as the bits of float64 values (config.float64_bits)
+    lo_bits: tl.int64, hi_bits: tl.int64,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr, VEC: tl.constexpr, SOFT_BF16: tl.constexpr, COUNT: tl.constexpr,
@@ -167,8 +168,8 @@ def _clamp_out_kernel(
         numel = (numel // VEC) * VEC
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, numel)
-    lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    lo = from_bits(lo_bits).to(ACC)
+    hi = from_bits(hi_bits).to(ACC)
     changed = tl.zeros([BLOCK], tl.int32)
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
@@ -315,13 +316,6 @@ def _row_scale_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-
-_launch_clamp_out = Launcher(_clamp_out_kernel)
-_launch_row_clip_fused = Launcher(_row_clip_fused_kernel)
-_launch_row_partials = Launcher(_row_partials_kernel)
-_launch_row_finalize = Launcher(_row_finalize_kernel)
-_launch_row_scale = Launcher(_row_scale_kernel)
-
 def _aligned(length: int, *tensors: torch.Tensor) -> bool:
     """Whether 16-byte vectors fit: every base address aligned and ``length`` (a row or the
     whole span) a multiple of the vector, so no vector straddles a row end or a mask edge."""
@@ -342,6 +336,16 @@ def _check(x: torch.Tensor, out: torch.Tensor, counts: torch.Tensor | None) -> N
         raise ValueError("counts must be a contiguous int64 tensor of 2 elements on x's device")
 
 
+def clamp_out_meta(dtype: torch.dtype, aligned: bool, count: bool) -> dict:
+    """Constexprs and launch options of :func:`clamp_out` (also what kernels.registry
+    compiles)."""
+    block, num_warps = stream_config(dtype)
+    return dict(DTYPE=TL_DTYPES[dtype], ACC=TL_DTYPES[compute_dtype(dtype)],
+                CHUNK=CLAMP_CHUNK_BYTES // dtype.itemsize, BLOCK=block, ALIGNED=aligned,
+                VEC=VECTOR_BYTES // dtype.itemsize, SOFT_BF16=soft_bf16_rounding(),
+                COUNT=count, num_warps=num_warps)
+
+
 def clamp_out(x: torch.Tensor, out: torch.Tensor, lo: float, hi: float,
               counts: torch.Tensor | None = None) -> None:
     """``out = clamp(x, lo, hi)`` elementwise (NaN stays NaN); ``x`` and ``out`` contiguous of
@@ -351,17 +355,11 @@ def clamp_out(x: torch.Tensor, out: torch.Tensor, lo: float, hi: float,
     numel = x.numel()
     if numel == 0:
         return
-    block, num_warps = stream_config(x.dtype)
-    chunk = CLAMP_CHUNK_BYTES // x.element_size()
+    meta = clamp_out_meta(x.dtype, _aligned(numel, x, out), counts is not None)
     with on_device(x.device):
-        _launch_clamp_out(
-            (triton.cdiv(numel, chunk),),
-            x, out, counts if counts is not None else x, numel, float64_bits(lo),
-            float64_bits(hi), DTYPE=TL_DTYPES[x.dtype], ACC=TL_DTYPES[compute_dtype(x.dtype)],
-            CHUNK=chunk, BLOCK=block, ALIGNED=_aligned(numel, x, out),
-            VEC=VECTOR_BYTES // x.element_size(), SOFT_BF16=soft_bf16_rounding(),
-            COUNT=counts is not None, num_warps=num_warps,
-        )
+        launch(_clamp_out_kernel, (triton.cdiv(numel, meta["CHUNK"]),),
+               (x, out, counts if counts is not None else x, numel, float64_bits(lo),
+                float64_bits(hi)), meta)
 
 
 def fused_tile(row_len: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -372,6 +370,29 @@ def fused_tile(row_len: int, dtype: torch.dtype) -> tuple[int, int]:
     vec = VECTOR_BYTES // dtype.itemsize
     width = min(max(triton.next_power_of_2(max(row_len, 1)), vec), block)
     return max(block // width, 1), width
+
+
+def row_metas(dtype: torch.dtype, aligned: bool, norm_type: float, row_len: int,
+              count: bool) -> dict:
+    """Constexprs and launch options of each kernel :func:`row_clip_out` launches for rows
+    of ``row_len``, by kernel name ("fused", or "partials", "finalize" and "scale"); also what
+    kernels.registry compiles."""
+    common = dict(ACC=TL_DTYPES[compute_dtype(dtype)], NORM=norm_mode(norm_type),
+                  ALIGNED=aligned, VEC=VECTOR_BYTES // dtype.itemsize)
+    if row_len <= FUSED_ROW_MAX:
+        block_r, block_c = fused_tile(row_len, dtype)
+        return {"fused": dict(common, DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c,
+                              SOFT_BF16=soft_bf16_rounding(), COUNT=count, num_warps=4)}
+    block, num_warps = stream_config(dtype)
+    fin_block, fin_warps = finalize_config()
+    return {
+        "partials": dict(common, CHUNK=SPLIT_CHUNK, BLOCK=block, num_warps=num_warps),
+        "finalize": dict(NORM=common["NORM"], BLOCK=fin_block, COUNT=count,
+                         num_warps=fin_warps),
+        "scale": dict(DTYPE=TL_DTYPES[dtype], ACC=common["ACC"], CHUNK=SPLIT_CHUNK,
+                      BLOCK=block, ALIGNED=aligned, VEC=common["VEC"],
+                      SOFT_BF16=soft_bf16_rounding(), num_warps=num_warps),
+    }
 
 
 def row_clip_out(x: torch.Tensor, out: torch.Tensor, max_norm: float, norm_type: float,
@@ -387,35 +408,23 @@ def row_clip_out(x: torch.Tensor, out: torch.Tensor, max_norm: float, norm_type:
         if counts is not None and n_rows:
             counts[1].add_(n_rows)  # empty rows: norm 0, never clipped
         return
-    mode = norm_mode(norm_type)
-    p = norm_type if mode == NORM_SUM_POW.value else 1.0
-    dtype = x.dtype
-    common = dict(ACC=TL_DTYPES[compute_dtype(dtype)], NORM=mode,
-                  ALIGNED=_aligned(row_len, x, out), VEC=VECTOR_BYTES // x.element_size())
-    count = counts is not None
-    counts_arg = counts if count else x
+    p = norm_type if norm_mode(norm_type) == NORM_SUM_POW.value else 1.0
+    counts_arg = counts if counts is not None else x
+    metas = row_metas(x.dtype, _aligned(row_len, x, out), norm_type, row_len,
+                      counts is not None)
     with on_device(x.device):
-        if row_len <= FUSED_ROW_MAX:
-            block_r, block_c = fused_tile(row_len, dtype)
-            _launch_row_clip_fused(
-                (triton.cdiv(n_rows, block_r),),
-                x, out, counts_arg, n_rows, row_len, p, max_norm, eps,
-                DTYPE=TL_DTYPES[dtype], BLOCK_R=block_r, BLOCK_C=block_c,
-                SOFT_BF16=soft_bf16_rounding(), COUNT=count, num_warps=4, **common,
-            )
+        if "fused" in metas:
+            launch(_row_clip_fused_kernel, (triton.cdiv(n_rows, metas["fused"]["BLOCK_R"]),),
+                   (x, out, counts_arg, n_rows, row_len, p, max_norm, eps), metas["fused"])
             return
-        block, num_warps = stream_config(dtype)
         chunks_per_row = triton.cdiv(row_len, SPLIT_CHUNK)
         grid = (n_rows * chunks_per_row,)
-        partials = torch.empty(grid[0], dtype=compute_dtype(dtype), device=x.device)
+        partials = torch.empty(grid[0], dtype=compute_dtype(x.dtype), device=x.device)
         coef = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _launch_row_partials(grid, x, partials, row_len, chunks_per_row, p, CHUNK=SPLIT_CHUNK,
-                             BLOCK=block, num_warps=num_warps, **common)
-        fin_block, fin_warps = finalize_config()
-        _launch_row_finalize((n_rows,), partials, coef, counts_arg, chunks_per_row, p,
-                             max_norm, eps, NORM=mode, BLOCK=fin_block, COUNT=count,
-                             num_warps=fin_warps)
-        _launch_row_scale(grid, x, out, coef, row_len, chunks_per_row, DTYPE=TL_DTYPES[dtype],
-                          CHUNK=SPLIT_CHUNK, BLOCK=block, SOFT_BF16=soft_bf16_rounding(),
-                          num_warps=num_warps, ACC=common["ACC"],
-                          ALIGNED=common["ALIGNED"], VEC=common["VEC"])
+        launch(_row_partials_kernel, grid, (x, partials, row_len, chunks_per_row, p),
+               metas["partials"])
+        launch(_row_finalize_kernel, (n_rows,),
+               (partials, coef, counts_arg, chunks_per_row, p, max_norm, eps),
+               metas["finalize"])
+        launch(_row_scale_kernel, grid, (x, out, coef, row_len, chunks_per_row),
+               metas["scale"])

@@ -13,6 +13,8 @@ nonzero counts are accumulated as integers and kept as float64 (exact below 2**5
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -28,14 +30,15 @@ from ._helpers import (
     chunk_bounds,
     clip_coefficient,
     exact_root,
+    from_bits,
 )
 from .config import finalize_config, float64_bits, on_device, stream_meta
-from .launch import Launcher
-from .plan import VECTOR_BYTES, LaunchPlan
+from .launch import launch
+from .plan import LaunchPlan
 
 
 @triton.jit
-def _chunk_partial(base, start, end, p_bits,
+def _chunk_partial(base, start, end, p,
                    ACC: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """The reduction of elements [start, end) of ``base``."""
     if NORM == NORM_MIN:
@@ -56,8 +59,7 @@ def _chunk_partial(base, start, end, p_bits,
         elif NORM == NORM_SUM_POW:
             # |x|^p = 2^(p log2|x|); masked lanes zeroed after the transform, since 0^p is
             # inf for p < 0.
-            p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-            acc += tl.where(mask, tl.exp2(p * tl.log2(tl.abs(x))), 0.0)
+            acc += tl.where(mask, tl.exp2(p.to(ACC) * tl.log2(tl.abs(x))), 0.0)
         elif NORM == NORM_MAX:
             acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         elif NORM == NORM_MIN:
@@ -111,20 +113,21 @@ def _reduce_partials(partials_ptr, start, end,
 @triton.jit
 def _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm, eps,
                    NORM: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr):
-    """Write the float32 norm of a power-form ``value`` (p = 0, 1, 2, inf or -inf, whose root
-    is exact or a correctly rounded sqrt) and the clip coefficient min(max_norm / (norm +
-    eps), 1), computed with IEEE-rounded sqrt and reciprocal exactly as the torch ops would;
-    with SKIP_NONFINITE a non-finite norm gives coefficient 1.
+    """Write the norm of a power-form ``value`` (p = 0, 1, 2, inf or -inf, whose root is exact
+    or a correctly rounded sqrt) in norm_ptr's dtype (float32; float64 for float64
+    gradients), and the clip coefficient min(max_norm / (norm + eps), 1) in that dtype,
+    computed with IEEE-rounded sqrt and reciprocal exactly as the torch ops would; with
+    SKIP_NONFINITE a non-finite norm gives coefficient 1.
 
     With UNSCALE (a GradScaler's unscale folded in: ``value`` is of the *scaled* gradients),
     found[0] = 1.0 if that norm is not finite (else 0.0), the norm written is the scaled norm
     times inv_scale[0], and the coefficient written is the clip coefficient of that norm
     times inv_scale[0] (1 where found, with SKIP_NONFINITE): what the scale pass applies."""
     # (A general p's root, exp2/log2, is approximate on a GPU: left to torch.pow.)
-    norm = exact_root(value, NORM).to(tl.float32)
+    norm = exact_root(value, NORM).to(norm_ptr.dtype.element_ty)
     finite = (norm == norm) & (tl.abs(norm) != float("inf"))
     if UNSCALE:
-        inv_scale = tl.load(inv_scale_ptr)
+        inv_scale = tl.load(inv_scale_ptr).to(norm.dtype)
         tl.store(found_ptr, tl.where(finite, 0.0, 1.0))
         norm = norm * inv_scale
     coef = clip_coefficient(norm, max_norm, eps)
@@ -136,19 +139,23 @@ def _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm
     tl.store(coef_ptr, coef)
 
 
-# Sizes are not specialized: one compilation per (dtype, norm, alignment) serves every model.
+# Sizes and scalars are typed and not specialized, and the per-call buffers are not specialized
+# on alignment: one compilation per (dtype, norm, alignment, mode) serves every model, and a
+# plan may relaunch it (see launch.py).
 @triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks",
-                               "p_bits"])
+                               "p_bits", "max_norm_bits", "eps_bits"],
+            do_not_specialize_on_alignment=["partials_ptr", "counter_ptr", "out_ptr",
+                                            "norm_ptr", "coef_ptr", "inv_scale_ptr",
+                                            "found_ptr"])
 def _norm_kernel(
     # the two streams of a plan (see plan.Streams)
-    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
+    first_table, first_spans: tl.int64, first_chunks: tl.int64,
+    second_table, second_spans: tl.int64, second_chunks: tl.int64,
     # pointers
     partials_ptr, counter_ptr, out_ptr, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr,
-    # order of the norm (NORM_SUM_POW only), as the bits of a float64: Triton passes Python
-    # floats as float32, which would round p for float64 gradients
-    p_bits,
-    # epilogue scalars (EPILOGUE only)
-    max_norm, eps,
+    # order of the norm (NORM_SUM_POW only), and the epilogue's scalars (EPILOGUE only), as
+    # the bits of float64 values (config.float64_bits)
+    p_bits: tl.int64, max_norm_bits: tl.int64, eps_bits: tl.int64,
     # meta-parameters
     DTYPE: tl.constexpr, ACC: tl.constexpr, NORM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
@@ -165,17 +172,18 @@ def _norm_kernel(
     or the norm and coefficient of a clip, is then one launch, and still deterministic: no
     atomics touch the values.
     """
+    p = from_bits(p_bits)
     pid = tl.program_id(0).to(tl.int64)
     if pid < first_chunks:
         base, start, end = chunk_bounds(first_table, first_spans, first_chunks, pid,
                                         DTYPE, CHUNK, ALIGNED, VEC)
-        partial = _chunk_partial(base, start, end, p_bits, ACC, NORM, BLOCK)
+        partial = _chunk_partial(base, start, end, p, ACC, NORM, BLOCK)
     else:
         # Only an aligned first stream has a second (unaligned) one; with an unaligned first
         # stream this branch is never taken.
         base, start, end = chunk_bounds(second_table, second_spans, second_chunks,
                                         pid - first_chunks, DTYPE, CHUNK, False, VEC)
-        partial = _chunk_partial(base, start, end, p_bits, ACC, NORM, BLOCK)
+        partial = _chunk_partial(base, start, end, p, ACC, NORM, BLOCK)
     tl.store(partials_ptr + pid, partial)
 
     if FUSED:
@@ -184,21 +192,21 @@ def _norm_kernel(
         # half of the atomic publishes it at GPU scope; the acquire half orders the last
         # program's reads (".cg": from L2, past a stale L1) after everyone's stores.
         tl.debug_barrier()
-        # The counter only grows (int64: no wrap in any lifetime), and every launch adds
-        # exactly n_programs, so the last arrival of a launch is the one whose count is
-        # n_programs - 1 modulo n_programs. Without a reset there is nothing to lose: even
-        # if two launches over one plan were ever to overlap (unsupported), the launches
-        # after them would find the count aligned again.
+        # The counter (one per plan and stream, plan.workspace) only grows (int64: no wrap in
+        # any lifetime), and every launch adds exactly n_programs, so the last arrival of a
+        # launch is the one whose count is n_programs - 1 modulo n_programs. Launches on one
+        # stream run one after the other, and no two streams share a counter.
         arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
         if arrived % n_programs == n_programs - 1:
             value = _reduce_partials(partials_ptr, 0, n_programs, NORM, FINALIZE_BLOCK, ".cg")
             tl.store(out_ptr, value)
             if EPILOGUE:
-                _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr, max_norm,
-                               eps, NORM, SKIP_NONFINITE, UNSCALE)
+                _clip_epilogue(value, norm_ptr, coef_ptr, inv_scale_ptr, found_ptr,
+                               from_bits(max_norm_bits), from_bits(eps_bits), NORM,
+                               SKIP_NONFINITE, UNSCALE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["partials_ptr", "out_ptr"])
 def _finalize_kernel(partials_ptr, segments_ptr, out_ptr,
                      NORM: tl.constexpr, BLOCK: tl.constexpr):
     """out[s] = reduction of partials[segments[s, 0]:segments[s, 1]]; 0 for an empty segment."""
@@ -206,10 +214,6 @@ def _finalize_kernel(partials_ptr, segments_ptr, out_ptr,
     start = tl.load(segments_ptr + 2 * pid)
     end = tl.load(segments_ptr + 2 * pid + 1)
     tl.store(out_ptr + pid, _reduce_partials(partials_ptr, start, end, NORM, BLOCK, ""))
-
-
-_launch_norm_kernel = Launcher(_norm_kernel)
-_launch_finalize_kernel = Launcher(_finalize_kernel)
 
 
 def norm_mode(norm_type: float) -> int:
@@ -236,49 +240,36 @@ def accumulation_dtype(dtype: torch.dtype, norm_type: float) -> torch.dtype:
     return torch.float32
 
 
-def _launch_norm(plan: LaunchPlan, norm_type: float, *, fused: bool, epilogue: bool = False,
-                 max_norm: float = 0.0, eps: float = 0.0, skip_nonfinite: bool = False,
-                 inv_scale: torch.Tensor | None = None, found: torch.Tensor | None = None):
-    """(partials, out, norm, coef) after one launch of the norm kernel over ``plan``."""
-    acc_dtype = accumulation_dtype(plan.dtype, norm_type)
-    device = plan.device
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the norm and coefficient that :func:`norm_clip` writes: float64 for float64
+    gradients, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_meta(dtype: torch.dtype, aligned: bool, norm_type: float, fused: bool,
+              epilogue: bool = False, skip_nonfinite: bool = False,
+              unscale: bool = False) -> dict:
+    """The constexprs and launch options of a norm launch over a plan of ``dtype`` whose
+    first stream is ``aligned`` (also what kernels.registry compiles)."""
+    return dict(stream_meta(dtype), NORM=norm_mode(norm_type), ALIGNED=aligned, FUSED=fused,
+                EPILOGUE=epilogue, SKIP_NONFINITE=skip_nonfinite, UNSCALE=unscale,
+                FINALIZE_BLOCK=finalize_config()[0])
+
+
+def finalize_meta(norm_type: float) -> dict:
+    """The constexprs and launch options of a finalize launch."""
+    block, num_warps = finalize_config()
+    return dict(NORM=norm_mode(norm_type), BLOCK=block, num_warps=num_warps)
+
+
+def _launch_norm(plan: LaunchPlan, norm_type: float, partials, counter, out, norm, coef,
+                 inv_scale, found, max_norm: float, eps: float, meta: dict) -> None:
     streams = plan.streams
-    if epilogue:  # the caller gets the norm and coefficient only: partials and out are scratch
-        partials, out = _epilogue_scratch(plan, acc_dtype)
-    else:
-        partials = torch.empty(plan.n_partials, dtype=acc_dtype, device=device)
-        out = torch.empty(1, dtype=acc_dtype, device=device)
-    norm = torch.empty((), dtype=torch.float32, device=device)
-    coef = torch.empty((), dtype=torch.float32, device=device)
-    if streams.n_programs == 0:  # only empty spans
-        out.fill_(0.0)
-        return partials, out, norm, coef
-    mode = norm_mode(norm_type)
-    with on_device(device):
-        _launch_norm_kernel(
-            (streams.n_programs,),
-            *streams.args, partials, plan.counter, out, norm, coef,
-            coef if inv_scale is None else inv_scale, coef if found is None else found,
-            float64_bits(norm_type if mode == NORM_SUM_POW.value else 1.0), max_norm, eps,
-            NORM=mode, ALIGNED=streams.first_aligned, FUSED=fused, EPILOGUE=epilogue,
-            SKIP_NONFINITE=skip_nonfinite, UNSCALE=inv_scale is not None,
-            FINALIZE_BLOCK=finalize_config()[0],
-            **stream_meta(plan.dtype),
-        )
-    return partials, out, norm, coef
-
-
-def _epilogue_scratch(plan: LaunchPlan, acc_dtype: torch.dtype):
-    """(partials, out) of a clip launch over ``plan``: one buffer kept with the plan. Launches
-    over one plan are ordered on one stream (see :func:`norm_clip`), so each reads the buffer
-    after the previous one is done with it."""
-    key = ("norm_clip", acc_dtype)
-    views = plan.scratch.get(key)
-    if views is None:
-        pad = VECTOR_BYTES // acc_dtype.itemsize  # both views 16-byte aligned, as if allocated
-        buffer = torch.empty(pad + plan.n_partials, dtype=acc_dtype, device=plan.device)
-        views = plan.scratch.setdefault(key, (buffer[pad:], buffer[:1]))
-    return views
+    p = norm_type if meta["NORM"] == NORM_SUM_POW.value else 1.0
+    with on_device(plan.device):
+        launch(_norm_kernel, (streams.n_programs,),
+               (*streams.args, partials, counter, out, norm, coef, inv_scale, found,
+                float64_bits(p), float64_bits(max_norm), float64_bits(eps)), meta, plan.kept)
 
 
 def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
@@ -286,75 +277,79 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
 
     Returns the partials (one per chunk) in :func:`accumulation_dtype`, for :func:`finalize`.
     """
-    return _launch_norm(plan, norm_type, fused=False)[0]
+    partials = torch.empty(plan.n_partials, dtype=accumulation_dtype(plan.dtype, norm_type),
+                           device=plan.device)
+    if plan.streams.n_programs:
+        counter = plan.workspace(partials.dtype)[2]  # unused without FUSED
+        _launch_norm(plan, norm_type, partials, counter, partials, partials, partials,
+                     partials, partials, 0.0, 0.0,
+                     norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=False))
+    return partials
 
 
 def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torch.Tensor:
     """Reduce ``partials`` over the plan's segments (one launch).
 
-    Returns a 1-D tensor in the partials' dtype: element 0 is the group's value, and, for a
-    plan built with per-span segments, element 1 + i is span i's value (0 for an empty span).
-    Values are in "power" form (sum |g|^p, max, min or count); roots are taken by the caller.
+    Returns a 1-D tensor in the partials' dtype: element 0 is the whole plan's value, and, for
+    a row plan, element 1 + r is row r's value. Values are in "power" form (sum |g|^p, max,
+    min or count); roots are taken by the caller.
     """
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
-    block, num_warps = finalize_config()
     with on_device(plan.device):
-        _launch_finalize_kernel((plan.n_segments,), partials, plan.segments, out,
-                                NORM=norm_mode(norm_type), BLOCK=block, num_warps=num_warps)
+        launch(_finalize_kernel, (plan.n_segments,), (partials, plan.segments, out),
+               finalize_meta(norm_type), plan.kept)
     return out
 
 
 def group_power(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
     """The power-form value of all of ``plan``'s spans as one vector, in one launch: a
     1-element tensor in :func:`accumulation_dtype` (the same value as ``finalize(...)[0]``)."""
-    return _launch_norm(plan, norm_type, fused=True)[1]
+    acc = accumulation_dtype(plan.dtype, norm_type)
+    out = torch.empty(1, dtype=acc, device=plan.device)
+    if not plan.streams.n_programs:  # only empty spans
+        return out.fill_(math.inf if norm_type == -math.inf else 0.0)
+    partials, _, counter = plan.workspace(acc)
+    _launch_norm(plan, norm_type, partials, counter, out, out, out, out, out, 0.0, 0.0,
+                 norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=True))
+    return out
 
 
 def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
-              skip_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              skip_nonfinite: bool, inv_scale: torch.Tensor | None = None):
     """The group's norm and clip coefficient in one launch.
 
-    Returns (norm, coef): float32 0-dim tensors on the plan's device, with
-    ``coef = min(max_norm / (norm + eps), 1)`` (1 where the norm is not finite and
-    ``skip_nonfinite``). For a list whose gradients form a single group, and ``norm_type``
-    0, 1, 2, inf or -inf (see :func:`fuses_coefficient`).
+    Returns (norm, coef, found): 0-dim tensors on the plan's device in :func:`result_dtype`,
+    with ``coef = min(max_norm / (norm + eps), 1)`` (1 where the norm is not finite and
+    ``skip_nonfinite``); ``found`` is None. For ``norm_type`` 0, 1, 2, inf or -inf
+    (:func:`fuses_coefficient`).
 
-    The launch uses the plan's arrival counter: two launches over one plan must not run
-    concurrently (on two streams at once: their results would be wrong, though later
-    launches are right again); one after the other, as in training, is fine.
+    With ``inv_scale`` (a GradScaler's ``1 / scale``, a float32 one-element tensor on the
+    plan's device) the gradients are the *scaled* ones, and the unscale is folded in: ``norm``
+    is of the unscaled gradients, ``coef`` is the factor to scale them by (``clip coefficient
+    * inv_scale``; 1 where found and ``skip_nonfinite``) and ``found`` is a float32 0-dim
+    tensor, 1.0 if the scaled norm is not finite, else 0.0: the values of the torch ops on
+    the unfused norm, bit for bit.
     """
     if not fuses_coefficient(norm_type):
         raise ValueError(f"norm_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")
-    _, out, norm, coef = _launch_norm(plan, norm_type, fused=True, epilogue=True,
-                                      max_norm=max_norm, eps=eps, skip_nonfinite=skip_nonfinite)
-    if plan.streams.n_programs == 0:
-        coef.fill_(1.0)
+    device, dtype = plan.device, result_dtype(plan.dtype)
+    norm = torch.empty((), dtype=dtype, device=device)
+    coef = torch.empty((), dtype=dtype, device=device)
+    found = None if inv_scale is None else torch.empty((), dtype=torch.float32, device=device)
+    if not plan.streams.n_programs:  # only empty spans: norm 0, nothing to clip
         norm.fill_(0.0)
-    return norm, coef
-
-
-def unscale_norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
-                      skip_nonfinite: bool, inv_scale: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A GradScaler's unscale folded into :func:`norm_clip`, in one launch over the *scaled*
-    gradients: returns (norm of the unscaled gradients, the factor to scale them by
-    (``coef * inv_scale``; 1 where found and ``skip_nonfinite``), found: 1.0 if the scaled
-    norm is not finite, else 0.0), float32 0-dim tensors; ``inv_scale`` is a float32
-    1-element tensor on the plan's device. The same values as the torch ops on the
-    unfused norm, bit for bit."""
-    if not fuses_coefficient(norm_type):
-        raise ValueError(f"unscale_norm_clip takes norm_type 0, 1, 2, inf or -inf, not "
-                         f"{norm_type}")
-    found = torch.empty((), dtype=torch.float32, device=plan.device)
-    _, _, norm, factor = _launch_norm(plan, norm_type, fused=True, epilogue=True,
-                                      max_norm=max_norm, eps=eps,
-                                      skip_nonfinite=skip_nonfinite, inv_scale=inv_scale,
-                                      found=found)
-    if plan.streams.n_programs == 0:
-        norm.fill_(0.0)
-        found.fill_(0.0)
-        factor.copy_(inv_scale.reshape(()))
-    return norm, factor, found
+        if inv_scale is None:
+            return norm, coef.fill_(1.0), None
+        return norm, coef.copy_(inv_scale.reshape(())), found.fill_(0.0)
+    acc = accumulation_dtype(plan.dtype, norm_type)
+    partials, out, counter = plan.workspace(acc)
+    _launch_norm(plan, norm_type, partials, counter, out, norm, coef,
+                 coef if inv_scale is None else inv_scale, coef if found is None else found,
+                 max_norm, eps,
+                 norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=True,
+                           epilogue=True, skip_nonfinite=skip_nonfinite,
+                           unscale=inv_scale is not None))
+    return norm, coef, found
 
 
 def fuses_coefficient(norm_type: float) -> bool:

@@ -6,33 +6,37 @@ plan's single int64 device tensor holds, per launch::
 
     [ base address x S | element count x S | chunk -> span x C | chunk -> first element x C ]
 
-followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial indices)
-and one int64 counter of arrivals (it only grows), with which the fused norm kernel's programs
-find the last of them (see ``norm.norm_clip``).
+followed by the reduction segments used by ``finalize`` (pairs of [start, end) partial
+indices: the whole plan, then, for a row plan (``kernels.rows``), one per row) and, for a row
+plan, the row of each span.
 
 Spans whose base address is 16-byte aligned and whose length is a multiple of the 16-byte
-vector go to the ``aligned`` launch, which is compiled with divisibility hints so that the
-streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` launch. (A
+vector go to the ``aligned`` stream, which is compiled with divisibility hints so that the
+streaming loops use 128-bit loads and stores; the others go to the ``unaligned`` stream. (A
 long span that is not aligned is first cut into an unaligned head, an aligned body and an
-unaligned tail, except in per-span plans.)
-Both alignment classes are covered by *one* kernel launch (:class:`Streams`): programs
-``[0, n_first)`` take chunks of the first class (aligned, when there are any) and the rest
-take chunks of the unaligned class, each through its own specialized loop. Partials are
+unaligned tail.) Both streams are covered by *one* kernel launch (:class:`Streams`): programs
+``[0, n_first)`` take chunks of the first stream (aligned, when there are any) and the rest
+take chunks of the unaligned stream, each through its own specialized loop. Partials are
 indexed by program id, so a reduction stays one buffer.
 
-Plans are cached by ``(device, dtype, per-span segments, ((address, numel), ...))``: a second
-call on the same gradients builds nothing and copies nothing from host to device.
+A plan keeps what its launches need besides the tables, per CUDA stream (:meth:`LaunchPlan.
+workspace`): the fused norm's arrival counter and its partials. Launches on one stream run one
+after the other, so each finds the buffers free; launches on two streams never share them. The
+first launch on a stream other than the one that made the tables records that stream on them
+(``Tensor.record_stream``), so that freeing the plan while a kernel still reads its tables on
+that stream cannot hand their memory to another allocation. Plans are not cached here: the
+caller keeps them (tritonclip's one cache holds them with the layout they were built for).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import threading
 from typing import Sequence
 
 import torch
+from triton.runtime.driver import driver
 
 # Elements per program. 64 Ki elements (256 KiB of float32) keeps a few hundred programs in
 # flight for 100 MB of gradients while making the partials buffer (one value per chunk)
@@ -42,47 +46,15 @@ CHUNK = 64 * 1024
 # Bytes per vector access; the aligned specialization asserts this divisibility.
 VECTOR_BYTES = 16
 
-_CACHE_SIZE = 64
-
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """One kernel launch of a plan: the spans of one alignment class."""
+    """The spans of one alignment class: a view of the plan table from this stream's rows."""
 
     aligned: bool
-    table: torch.Tensor  # view into the plan table starting at this launch's rows
+    table: torch.Tensor
     n_spans: int
     n_chunks: int
-    partial_offset: int  # index of this launch's first partial in the shared buffer
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchPlan:
-    """Device tables for one (device, dtype) list of spans."""
-
-    device: torch.device
-    dtype: torch.dtype
-    launches: tuple[Launch, ...]
-    n_partials: int
-    segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
-    n_segments: int
-    counter: torch.Tensor  # int64 [1]: the fused norm's arrival count (only grows)
-    # Device buffers that launches over this plan reuse, by name (see norm.norm_clip): made
-    # once, so a steady-state clip allocates only what it returns.
-    scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @functools.cached_property
-    def streams(self) -> "Streams":
-        """The arguments of one launch over every span (see :class:`Streams`); made once."""
-        if not self.launches:  # only empty spans: nothing to launch
-            return Streams(False, self.counter, 0, 0, self.counter, 0, 0)
-        first = self.launches[0]
-        second = self.launches[1] if len(self.launches) > 1 else None
-        if second is None:
-            return Streams(first.aligned, first.table, first.n_spans, first.n_chunks,
-                           first.table, 0, 0)
-        return Streams(True, first.table, first.n_spans, first.n_chunks,
-                       second.table, second.n_spans, second.n_chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +68,76 @@ class Streams:
     """
 
     first_aligned: bool
-    first_table: torch.Tensor
-    first_spans: int
-    first_chunks: int
-    second_table: torch.Tensor
-    second_spans: int
-    second_chunks: int
+    args: tuple  # (first table, spans, chunks, second table, spans, chunks): kernel order
 
     @property
     def n_programs(self) -> int:
-        return self.first_chunks + self.second_chunks
+        return self.args[2] + self.args[5]
+
+
+@dataclasses.dataclass(eq=False)
+class LaunchPlan:
+    """Device tables for one (device, dtype) list of spans (or rows), and per-stream buffers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    launches: tuple[Launch, ...]
+    n_partials: int
+    segments: torch.Tensor  # int64 [n_segments, 2]: [start, end) of partials per output
+    n_segments: int
+    table: torch.Tensor  # the one device allocation every view above points into
+    order: torch.Tensor | None = None  # row plans: int64 [n_rows], row of each span
+    n_rows: int = 0
+    # compiled kernels of this plan's launches (see launch.launch)
+    kept: dict = dataclasses.field(default_factory=dict, repr=False)
+    _workspaces: dict = dataclasses.field(default_factory=dict, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @functools.cached_property
-    def args(self) -> tuple:
-        """Positional kernel arguments, in the order the streaming kernels declare them."""
-        return (self.first_table, self.first_spans, self.first_chunks,
-                self.second_table, self.second_spans, self.second_chunks)
+    def streams(self) -> Streams:
+        """The arguments of one launch over every span (see :class:`Streams`); made once."""
+        if not self.launches:  # only empty spans: nothing to launch
+            return Streams(False, (self.table, 0, 0, self.table, 0, 0))
+        first = self.launches[0]
+        second = self.launches[1] if len(self.launches) > 1 else None
+        if second is None:
+            return Streams(first.aligned, (first.table, first.n_spans, first.n_chunks,
+                                           first.table, 0, 0))
+        return Streams(True, (first.table, first.n_spans, first.n_chunks,
+                              second.table, second.n_spans, second.n_chunks))
+
+    def workspace(self, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+        """(partials, out, counter) of a fused norm launch on the current stream: ``n_partials``
+        values and one more in ``acc_dtype``, 16-byte aligned, and the int64 arrival counter
+        (it only grows; see ``norm._norm_kernel``). Made once per stream and dtype."""
+        stream = _current_stream(self.device)
+        key = (stream, acc_dtype)
+        buffers = self._workspaces.get(key)
+        if buffers is None:
+            with self._lock:
+                buffers = self._workspaces.get(key)
+                if buffers is None:
+                    buffers = self._workspaces[key] = self._new_workspace(stream, acc_dtype)
+        return buffers
+
+    def _new_workspace(self, stream, acc_dtype):
+        counter = next((b[2] for k, b in self._workspaces.items() if k[0] == stream), None)
+        if counter is None:
+            counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+            if self.device.type == "cuda":
+                self.table.record_stream(torch.cuda.current_stream(self.device))
+        pad = VECTOR_BYTES // acc_dtype.itemsize
+        buffer = torch.empty(pad + self.n_partials, dtype=acc_dtype, device=self.device)
+        return buffer[pad:], buffer[:1], counter
+
+
+def _current_stream(device: torch.device):
+    """The stream a launch on ``device`` runs on, as Triton reads it (None off CUDA, where the
+    interpreter runs one launch at a time)."""
+    if device.type != "cuda":
+        return None
+    return driver.active.get_current_stream(device.index)
 
 
 def is_vector_aligned(address: int, numel: int, element_size: int) -> bool:
@@ -144,23 +170,19 @@ def _split_misaligned(spans: Sequence[tuple[int, int]], element_size: int):
     return out
 
 
-def _build(
-    spans: Sequence[tuple[int, int]],
-    device: torch.device,
-    dtype: torch.dtype,
-    per_span: bool,
-) -> LaunchPlan:
+def build_plan(spans: Sequence[tuple[int, int]], device: torch.device,
+               dtype: torch.dtype) -> LaunchPlan:
+    """The plan of ``spans`` ((address, numel) of ``dtype`` elements on ``device``): one
+    host-to-device copy; keep the plan to launch over the same spans again."""
     element_size = dtype.itemsize
-    if not per_span:  # per-span plans keep one span per input: each is a finalize segment
-        spans = _split_misaligned(spans, element_size)
+    spans = _split_misaligned(spans, element_size)
     classes = {True: [], False: []}
     for index, (address, numel) in enumerate(spans):
         if numel > 0:
             classes[is_vector_aligned(address, numel, element_size)].append(index)
 
     rows: list[int] = []
-    layout = []  # (aligned, table offset, n_spans, n_chunks, partial offset)
-    span_partials = [(0, 0)] * len(spans)  # [start, end) of each span's partials
+    layout = []  # (aligned, table offset, n_spans, n_chunks)
     n_partials = 0
     for aligned in (True, False):
         members = classes[aligned]
@@ -170,98 +192,19 @@ def _build(
         chunk_start: list[int] = []
         for local, index in enumerate(members):
             numel = spans[index][1]
-            n = -(-numel // CHUNK)
-            span_partials[index] = (n_partials + len(chunk_span), n_partials + len(chunk_span) + n)
-            chunk_span.extend([local] * n)
+            chunk_span.extend([local] * -(-numel // CHUNK))
             chunk_start.extend(range(0, numel, CHUNK))
-        layout.append((aligned, len(rows), len(members), len(chunk_span), n_partials))
+        layout.append((aligned, len(rows), len(members), len(chunk_span)))
         rows.extend(spans[i][0] for i in members)
         rows.extend(spans[i][1] for i in members)
         rows.extend(chunk_span)
         rows.extend(chunk_start)
         n_partials += len(chunk_span)
-
     segments_offset = len(rows)
-    segment_rows = [(0, n_partials)]
-    if per_span:
-        segment_rows.extend(span_partials)
-    for start, end in segment_rows:
-        rows.extend((start, end))
-    rows.append(0)  # the arrival counter
+    rows.extend((0, n_partials))
 
-    # One host-to-device copy per plan; the plan is cached so steady state makes none.
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    launches = tuple(
-        Launch(aligned, table[offset:], n_spans, n_chunks, partial_offset)
-        for aligned, offset, n_spans, n_chunks, partial_offset in layout
-    )
-    segments = table[segments_offset:-1].view(-1, 2)
-    return LaunchPlan(device, dtype, launches, n_partials, segments, len(segment_rows),
-                      table[-1:])
-
-
-class LRUCache:
-    """A small thread-safe LRU cache of built objects, with hit/build counters (for tests and
-    benchmarks)."""
-
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self.builds = 0
-        self.hits = 0
-        self._items: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_build(self, key, build):
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-        if item is None:
-            item = build()
-            with self._lock:
-                self.builds += 1
-                self._items[key] = item
-                while len(self._items) > self.maxsize:
-                    self._items.popitem(last=False)
-        return item
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.builds = 0
-            self.hits = 0
-
-
-# Plans launched while a CUDA graph was being captured. The graph holds their tables'
-# addresses, so they are kept for the process's life, whatever the caches evict.
-_captured: list = []
-
-
-def keep_for_graphs(plan):
-    """Keep ``plan`` (anything holding device tables) alive for good when the current stream
-    is capturing a CUDA graph; returns it."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        if not any(kept is plan for kept in _captured):
-            _captured.append(plan)
-    return plan
-
-
-class PlanCache(LRUCache):
-    """Launch plans, keyed by (device, dtype, per_span, spans)."""
-
-    def __init__(self, maxsize: int = _CACHE_SIZE):
-        super().__init__(maxsize)
-
-    def get(
-        self,
-        spans: Sequence[tuple[int, int]],
-        device: torch.device,
-        dtype: torch.dtype,
-        per_span: bool = False,
-    ) -> LaunchPlan:
-        return self.get_or_build((device, dtype, per_span, tuple(spans)),
-                                 lambda: _build(spans, device, dtype, per_span))
-
-
-plan_cache = PlanCache()
+    launches = tuple(Launch(aligned, table[offset:], n_spans, n_chunks)
+                     for aligned, offset, n_spans, n_chunks in layout)
+    return LaunchPlan(device, dtype, launches, n_partials, table[segments_offset:].view(-1, 2),
+                      1, table)

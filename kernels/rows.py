@@ -1,40 +1,25 @@
 """Launch plans whose spans are the *rows* of tensors: for per-row and per-tensor norms.
 
-A row is ``row_len`` consecutive elements of a contiguous tensor: the first-dimension slices of
-a weight (unit-wise norms, AGC) or the whole tensor (per-tensor norms, ``n_rows = 1``). The
-plan is an ordinary :class:`~.plan.LaunchPlan` with one span per row and one finalize segment
-per row, so the existing ``norm_partials`` and ``finalize`` kernels give every row's norm in
-two launches, and ``scale.scale_each_`` scales every row by its own coefficient in one.
+A row is ``row_len`` consecutive elements of a dense tensor: the first-dimension slices of a
+weight (unit-wise norms, AGC) or the whole tensor (per-tensor norms, ``n_rows = 1``). The plan
+is an ordinary :class:`~.plan.LaunchPlan` with one span per row and one finalize segment per
+row, so ``norm_partials`` and ``finalize`` give every row's norm in two launches, and
+``scale.scale_each_`` scales every row by its own coefficient in one.
 
 The table is built with vectorized torch ops from one (address, n_rows, row_len) entry per
-tensor, never with a Python loop over rows (an embedding has 50k of them), and is cached by
-those entries: steady-state training builds and copies nothing. Its layout is plan.py's, with
-the row index of each span, in launch order, appended (``order``)::
+tensor, never with a Python loop over rows (an embedding has 50k of them). Its layout is
+plan.py's, with the row index of each span, in launch order, appended (``order``)::
 
-    [ launch rows (as plan.py) | segments: (0, P), then [start, end) per row | order x R |
-      counter ]
+    [ launch rows (as plan.py) | segments: (0, P), then [start, end) per row | order x R ]
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 
-from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan, LRUCache
-
-_CACHE_SIZE = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class RowPlan:
-    """A launch plan over rows, plus what per-row coefficients need."""
-
-    plan: LaunchPlan  # spans = rows; finalize segment 1 + r is row r
-    order: torch.Tensor  # int64 [n_rows]: row index of each span, launches concatenated (the
-    # numbering of plan.Streams: the first stream's spans, then the second's)
-    n_rows: int
+from .plan import CHUNK, VECTOR_BYTES, Launch, LaunchPlan
 
 
 def _arange_within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +30,11 @@ def _arange_within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_row_plan(entries: Sequence[tuple[int, int, int]], device: torch.device,
-                   dtype: torch.dtype) -> RowPlan:
+                   dtype: torch.dtype) -> LaunchPlan:
     """The plan of the rows of tensors given as (address, n_rows, row_len), rows numbered
-    tensor by tensor. Every entry must have n_rows >= 1 and row_len >= 1."""
+    tensor by tensor. Every entry must have n_rows >= 1 and row_len >= 1. The plan's
+    ``order`` maps each span, in launch order, to its row; finalize segment ``1 + r`` is
+    row ``r``."""
     size = dtype.itemsize
     vec = VECTOR_BYTES // size
     table = torch.tensor(list(entries), dtype=torch.int64).view(-1, 3)
@@ -63,7 +50,7 @@ def build_row_plan(entries: Sequence[tuple[int, int, int]], device: torch.device
     seg_start = torch.zeros(total_rows, dtype=torch.int64)
     seg_end = torch.zeros(total_rows, dtype=torch.int64)
     rows_offset = n_partials = 0
-    for flag in (True, False):  # plan.py's order: the aligned launch first
+    for flag in (True, False):  # plan.py's order: the aligned stream first
         members = torch.nonzero(aligned == flag).flatten()
         if members.numel() == 0:
             continue
@@ -73,7 +60,7 @@ def build_row_plan(entries: Sequence[tuple[int, int, int]], device: torch.device
         seg_start[members] = n_partials + ends - member_chunks
         seg_end[members] = n_partials + ends
         n_chunks = int(chunk_span.numel())
-        layout.append((flag, rows_offset, int(members.numel()), n_chunks, n_partials))
+        layout.append((flag, rows_offset, int(members.numel()), n_chunks))
         parts += [row_address[members], numel[members], chunk_span, within * CHUNK]
         orders.append(members)
         rows_offset += 2 * int(members.numel()) + 2 * n_chunks
@@ -81,28 +68,11 @@ def build_row_plan(entries: Sequence[tuple[int, int, int]], device: torch.device
     segments = torch.cat([torch.tensor([0, n_partials]),
                           torch.stack([seg_start, seg_end], 1).flatten()])
     # One host-to-device copy per plan, as plan.py.
-    counter = torch.zeros(1, dtype=torch.int64)  # the fused norm's arrival counter (plan.py)
-    flat = torch.cat(parts + [segments] + orders + [counter]).to(device, non_blocking=True)
-    launches = tuple(Launch(flag, flat[offset:], spans, n_chunks, partial_offset)
-                     for flag, offset, spans, n_chunks, partial_offset in layout)
-    seg_offset = rows_offset
+    flat = torch.cat(parts + [segments] + orders).to(device, non_blocking=True)
+    launches = tuple(Launch(flag, flat[offset:], spans, n_chunks)
+                     for flag, offset, spans, n_chunks in layout)
     n_segments = 1 + total_rows
-    plan = LaunchPlan(device, dtype, launches, n_partials,
-                      flat[seg_offset:seg_offset + 2 * n_segments].view(-1, 2), n_segments,
-                      flat[-1:])
-    return RowPlan(plan, flat[seg_offset + 2 * n_segments:-1], total_rows)
-
-
-class RowPlanCache(LRUCache):
-    """A small LRU cache of row plans, keyed by (device, dtype, entries), with counters."""
-
-    def __init__(self, maxsize: int = _CACHE_SIZE):
-        super().__init__(maxsize)
-
-    def get(self, entries: Sequence[tuple[int, int, int]], device: torch.device,
-            dtype: torch.dtype) -> RowPlan:
-        return self.get_or_build((device, dtype, tuple(entries)),
-                                 lambda: build_row_plan(entries, device, dtype))
-
-
-row_plan_cache = RowPlanCache()
+    segments_end = rows_offset + 2 * n_segments
+    return LaunchPlan(device, dtype, launches, n_partials,
+                      flat[rows_offset:segments_end].view(-1, 2), n_segments, flat,
+                      order=flat[segments_end:], n_rows=total_rows)

@@ -9,9 +9,8 @@ import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
 from .config import on_device, soft_bf16_rounding, stream_meta
-from .launch import Launcher
+from .launch import launch
 from .plan import LaunchPlan
-from .rows import RowPlan
 
 
 @triton.jit
@@ -38,11 +37,14 @@ def _span_coefficient(first_table, first_spans, first_chunks, second_table, seco
     return tl.load(coef_ptr + tl.load(order_ptr + span))
 
 
-# Sizes are not specialized: one compilation per (dtype, alignment) serves every model.
-@triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks"])
+# Sizes are typed and not specialized, nor is the coefficient's address: one compilation per
+# (dtype, alignment, mode) serves every model, and a plan may relaunch it (see launch.py).
+@triton.jit(do_not_specialize=["first_spans", "first_chunks", "second_spans", "second_chunks"],
+            do_not_specialize_on_alignment=["coef_ptr"])
 def _scale_kernel(
     # the two streams of a plan (see plan.Streams)
-    first_table, first_spans, first_chunks, second_table, second_spans, second_chunks,
+    first_table, first_spans: tl.int64, first_chunks: tl.int64,
+    second_table, second_spans: tl.int64, second_chunks: tl.int64,
     # pointers: the coefficient (PER_SPAN: one per row, and the span -> row map)
     coef_ptr, order_ptr,
     # meta-parameters
@@ -74,7 +76,12 @@ def _scale_kernel(
         _scale_chunk(base, start, end, coef, DTYPE, ACC, BLOCK, SOFT_BF16)
 
 
-_launch_scale_kernel = Launcher(_scale_kernel)
+def scale_meta(dtype: torch.dtype, aligned: bool, skip_at_least_one: bool,
+               per_span: bool) -> dict:
+    """The constexprs and launch options of a scale launch over a plan of ``dtype`` whose
+    first stream is ``aligned`` (also what kernels.registry compiles)."""
+    return dict(stream_meta(dtype), ALIGNED=aligned, SOFT_BF16=soft_bf16_rounding(),
+                SKIP_AT_LEAST_ONE=skip_at_least_one, PER_SPAN=per_span)
 
 
 def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
@@ -83,25 +90,24 @@ def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
     if streams.n_programs == 0:
         return
     with on_device(plan.device):
-        _launch_scale_kernel(
-            (streams.n_programs,),
-            *streams.args, coef, coef if order is None else order,
-            ALIGNED=streams.first_aligned, SOFT_BF16=soft_bf16_rounding(),
-            SKIP_AT_LEAST_ONE=skip_at_least_one, PER_SPAN=order is not None,
-            **stream_meta(plan.dtype),
-        )
+        # (without PER_SPAN the order pointer is unused: the plan's table stands in, so that
+        # no per-call tensor takes a specialized place)
+        launch(_scale_kernel, (streams.n_programs,),
+               (*streams.args, coef, plan.table if order is None else order),
+               scale_meta(plan.dtype, streams.first_aligned, skip_at_least_one,
+                          order is not None), plan.kept)
 
 
 def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
-    """Multiply every span of ``plan`` in place by ``coef`` (a 1-element float32 tensor on the
-    plan's device), in one launch. With ``skip_at_least_one`` (a clip coefficient) a
-    coefficient >= 1 leaves the memory untouched; without it (e.g. an unscale by 1/scale
-    folded in) it is applied."""
+    """Multiply every span of ``plan`` in place by ``coef`` (a one-element float32 or float64
+    tensor on the plan's device), in one launch. With ``skip_at_least_one`` (a clip
+    coefficient) a coefficient >= 1 leaves the memory untouched; without it (e.g. an unscale
+    by 1/scale folded in) it is applied."""
     _launch(plan, coef, None, skip_at_least_one)
 
 
-def scale_each_(rows: RowPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
-    """Multiply row ``r`` of ``rows`` in place by ``coef[r]``, in one launch.
+def scale_each_(rows: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:
+    """Multiply row ``r`` of the row plan ``rows`` in place by ``coef[r]``, in one launch.
 
     ``coef`` is a 1-D tensor of ``rows.n_rows`` coefficients on the plan's device, float32
     (float64 for float64 rows, so that their coefficient keeps its precision). With
@@ -110,4 +116,4 @@ def scale_each_(rows: RowPlan, coef: torch.Tensor, skip_at_least_one: bool = Tru
     if coef.dim() != 1 or coef.numel() != rows.n_rows:
         raise ValueError(f"coef must hold {rows.n_rows} coefficients, got shape "
                          f"{tuple(coef.shape)}")
-    _launch(rows.plan, coef, rows.order, skip_at_least_one)
+    _launch(rows, coef, rows.order, skip_at_least_one)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tritonclip import reference
+from tritonclip import _core, kernels, reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
@@ -46,9 +46,16 @@ def params_with(grads: list[torch.Tensor | None]) -> list[torch.nn.Parameter]:
     return params
 
 
-def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, rtol=NORM_RTOL):
-    """``actual`` (float32) within ``rtol`` of the float64 ``expected``; NaN/inf must match."""
-    assert actual.dtype == torch.float32, actual.dtype
+def norm_dtype(grads) -> torch.dtype:
+    """The dtype of a norm over ``grads``: float64 when a float64 gradient takes part."""
+    return (torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads)
+            else torch.float32)
+
+
+def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, rtol=NORM_RTOL, grads=()):
+    """``actual`` (float32, or float64 for ``grads`` with a float64 one) within ``rtol`` of
+    the float64 ``expected``; NaN/inf must match."""
+    assert actual.dtype == norm_dtype(grads), actual.dtype
     assert actual.dim() == 0, actual.shape
     a, e = float(actual), float(expected)
     if math.isnan(e) or math.isinf(e):
@@ -74,7 +81,7 @@ def assert_scaled_once(after: torch.Tensor, before: torch.Tensor, coef: torch.Te
 
 def applied_coefficient(total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """The coefficient tritonclip documents, recomputed from the norm it returned."""
-    return torch.clamp(max_norm / (total.float() + eps), max=1.0)
+    return torch.clamp(max_norm / (total + eps), max=1.0)  # in the norm's dtype
 
 
 def check_coefficient(total: torch.Tensor, ref_total: torch.Tensor, max_norm: float):
@@ -82,3 +89,29 @@ def check_coefficient(total: torch.Tensor, ref_total: torch.Tensor, max_norm: fl
     ref = reference.clip_coefficient(ref_total, max_norm)
     assert abs(float(coef) - float(ref)) <= NORM_RTOL * float(ref), (float(coef), float(ref))
     return coef
+
+
+def cached_plans() -> list:
+    """The launch plans held by the core's cache (with the layouts they were built for)."""
+    plans = []
+    for entry in list(_core.CACHE._items.values()):
+        for group in getattr(entry, "groups", ()):
+            for plan in [getattr(group, "plan", None), *getattr(group, "plans", {}).values()]:
+                if plan is not None and not any(plan is p for p in plans):
+                    plans.append(plan)
+    return plans
+
+
+class PlanBuilds:
+    """Counts kernels.build_plan / build_row_plan calls (use as a context manager)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("build_plan", "build_row_plan"):
+            original = getattr(kernels, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.count += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(kernels, name, counted)

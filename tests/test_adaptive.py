@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tritonclip
-from helpers import params_with, random_grads
-from tritonclip import _rows, kernels
+from helpers import PlanBuilds, params_with, random_grads
+from tritonclip import _core, kernels
 from tritonclip import reference_adaptive as ref
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
@@ -19,8 +19,7 @@ AGC_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 @pytest.fixture(autouse=True)
 def _fresh_row_caches():
-    kernels.row_plan_cache.clear()
-    _rows.clear_cache()
+    _core.clear_cache()
 
 
 # -- AGC ----------------------------------------------------------------------------------
@@ -93,17 +92,18 @@ def test_agc_negative_control_unitwise_is_not_per_tensor(backend):
 
 
 @pytest.mark.interpreter
-def test_agc_long_rows_and_one_plan_per_tensor_list():
+def test_agc_long_rows_and_one_plan_per_tensor_list(monkeypatch):
     w = torch.nn.Parameter(random_grads([2 * (kernels.CHUNK + 3)], torch.float32, seed=1)[0]
                            .view(2, -1))
     w.grad = random_grads([w.numel()], torch.float32, seed=2)[0].view(2, -1)
     before = w.grad.clone()
     expected = ref.agc([w], [before], 1e-3)
+    builds = PlanBuilds(monkeypatch)
     tritonclip.clip_grad_agc_([w], 1e-3, backend="triton")
     torch.testing.assert_close(w.grad.double(), expected[0], rtol=1e-6, atol=0)
-    assert kernels.row_plan_cache.builds == 2  # weights and gradients
+    assert builds.count == 2  # weights and gradients
     tritonclip.clip_grad_agc_([w], 1e-3, backend="triton")
-    assert kernels.row_plan_cache.builds == 2
+    assert builds.count == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tritonclip
-from tritonclip import _rows, kernels
+from tritonclip import _core, kernels
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
             pytest.param("torch", id="torch")]
@@ -15,8 +15,7 @@ BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
 
 @pytest.fixture(autouse=True)
 def _fresh_row_caches():
-    kernels.row_plan_cache.clear()
-    _rows.clear_cache()
+    _core.clear_cache()
 
 
 def _model(seed=0):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from tritonclip import kernels
 from tritonclip.bench import cases, cli, report, shapes
 
 
@@ -116,15 +117,11 @@ def test_tuning_sweep_launches_every_candidate_and_restores_the_default(tmp_path
     from tritonclip.kernels import config, scale
 
     blocks = []
-    real = scale._launch_scale_kernel.kernel
 
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                blocks.append((kwargs["BLOCK"], kwargs["num_warps"]))
-                return real[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(scale._launch_scale_kernel, "kernel", Recording())
+    def record(kernel, meta):
+        if kernel is scale._scale_kernel:
+            blocks.append((meta["BLOCK"], meta["num_warps"]))
+    monkeypatch.setattr(kernels.launch, "observers", [record])
     default = config.stream_config(torch.bfloat16)
     tune.main(["--allow-cpu", "--sizes-mb", "0.0625", "--dtype", "bf16", "--reps", "1",
                "--out", str(tmp_path)])

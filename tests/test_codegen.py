@@ -36,20 +36,14 @@ def _variants(report, kind):
     return {name: info for name, info in report.items() if f"/{kind}-" in name}
 
 
-def test_every_specialization_compiled(report):
-    from codegen import specializations
-    names = {name for name, *_ in specializations()}
-    # norm, per dtype and alignment: 6 orders x (partials, fused), 5 (not sumpow) with the
-    # clip epilogue, plus 5 with SKIP_NONFINITE (fp32 aligned); the AMP epilogue (sumsq,
-    # aligned) per dtype, and with SKIP_NONFINITE for fp32; 2 scales (skip at >= 1 or
-    # not), 2 per-span scales (scale_each_: PER_SPAN), 1 clamp (+1 with an i32 bound for fp32);
-    # finalize: 11 (norm, partials dtype) pairs
-    core = {name for name in names if not name.startswith("ec_")}
-    assert len(core) == 4 * 2 * (6 * 2 + 5 + 2 + 2 + 1) + 5 + 4 + 1 + 2 + 11
-    # error clipping: per dtype and alignment 1 clamp, 1 fused row clip, 1 row scale; row
-    # partials for fp32/bf16 (2 x 2); float32 aligned extras (counting clamp, narrow tile,
-    # 3 other norms, counting row clip, max partials); a bf16 narrow tile; 5 finalizes
-    assert len(names - core) == 4 * 2 * 3 + 4 + (1 + 1 + 3 + 1 + 1) + 1 + 5
+def test_every_registry_variant_compiled(report):
+    # The variants come from kernels.registry, which builds their constexprs with the
+    # launchers' own functions (tests/test_launch.py checks that it covers every kernel,
+    # dtype and alignment the public functions launch).
+    from tritonclip.kernels.registry import variants
+
+    names = [variant.name for variant in variants()]
+    assert len(set(names)) == len(names)
     assert set(report) == {f"sm{arch}/{name}" for arch in ARCHS for name in names}
 
 
@@ -104,7 +98,7 @@ def test_clip_epilogue_uses_ieee_division_and_sqrt(report):
         if "/norm-clip" in name or "/norm-amp" in name:
             sqrt_rn, div_rn = info["ieee_sqrt_div"]
             assert div_rn, name
-            if "-sumsq-fp32" in name:
+            if "-sumsq-" in name:
                 assert sqrt_rn, name
 
 

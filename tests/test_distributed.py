@@ -33,13 +33,13 @@ def _worker(rank, world, backend_name):
     for p in NORM_TYPES:
         local = _shard(everything, rank, world)
         total = tritonclip.get_total_norm(local, p, process_group=group, backend=backend_name)
-        assert_norm_close(total, reference.total_norm(everything, p))
+        assert_norm_close(total, reference.total_norm(everything, p), grads=everything)
     # 2. clipping: each rank scales its shard by the global coefficient
     local = _shard(everything, rank, world)
     before = [g.clone() for g in local]
     total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
                                        backend=backend_name)
-    assert_norm_close(total, reference.total_norm(everything, 2.0))
+    assert_norm_close(total, reference.total_norm(everything, 2.0), grads=everything)
     for g, b in zip(local, before):
         assert_scaled_once(g, b, applied_coefficient(total, 1.0))
     # 3. a NaN on rank 0 only: every rank sees a NaN norm, for every norm type
@@ -63,7 +63,7 @@ def _worker(rank, world, backend_name):
     expected = [g for i, g in enumerate(everything) if i % world != world - 1]
     total = tritonclip.clip_grad_norm_(params_with(local), 1.0, process_group=group,
                                        backend=backend_name)
-    assert_norm_close(total, reference.total_norm(expected, 2.0))
+    assert_norm_close(total, reference.total_norm(expected, 2.0), grads=expected)
     # 6. dense parameters replicated on every rank (group None) beside experts sharded
     #    over the group: the pairs count each once
     for p in NORM_TYPES:
@@ -71,7 +71,7 @@ def _worker(rank, world, backend_name):
         experts = params_with(_shard(everything[3:], rank, world))
         total = tritonclip.clip_grad_norm_(dense + experts, 1.0, p, backend=backend_name,
                                            process_group=[(dense, None), (experts, group)])
-        assert_norm_close(total, reference.total_norm(everything, p))
+        assert_norm_close(total, reference.total_norm(everything, p), grads=everything)
     # 7. no rank has any gradient: 0 for every order, as in a single process
     for p in NORM_TYPES:
         total = tritonclip.get_total_norm([], p, process_group=group, backend=backend_name)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tritonclip
-from helpers import applied_coefficient, assert_norm_close, assert_scaled_once, params_with, random_grads
+from helpers import (PlanBuilds, applied_coefficient, assert_norm_close, assert_scaled_once,
+                     cached_plans, params_with, random_grads)
 from tritonclip import kernels, reference
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
@@ -21,7 +22,7 @@ def test_none_grads_skipped_and_generator_accepted(backend):
     params = params_with([grads[0], None, grads[1]])
     before = [g.clone() for g in grads]
     total = tritonclip.clip_grad_norm_((p for p in params), 0.1, backend=backend)
-    assert_norm_close(total, reference.total_norm(before, 2.0))
+    assert_norm_close(total, reference.total_norm(before, 2.0), grads=before)
     coef = applied_coefficient(total, 0.1)
     for g, b in zip(grads, before):
         assert_scaled_once(g, b, coef)
@@ -50,12 +51,12 @@ def test_duplicates_and_aliases_counted_and_scaled_once(backend):
     alias = torch.nn.Parameter(torch.zeros(10, 10))
     alias.grad = g.view(10, 10)  # same memory, another tensor
     total = tritonclip.clip_grad_norm_([p, p, alias], 0.1, backend=backend)
-    assert_norm_close(total, reference.total_norm([before], 2.0))
+    assert_norm_close(total, reference.total_norm([before], 2.0), grads=[before])
     assert_scaled_once(g, before, applied_coefficient(total, 0.1))  # once, not three times
     # Partial overlap: the union of the two regions is counted once.
     flat = random_grads([50], torch.float32)[0]
     total = tritonclip.get_total_norm([flat[0:30], flat[20:50]], backend=backend)
-    assert_norm_close(total, reference.total_norm([flat], 2.0))
+    assert_norm_close(total, reference.total_norm([flat], 2.0), grads=[flat])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,10 +65,10 @@ def test_bucket_views_are_merged_into_one_span(backend):
     views = [bucket[0:10], bucket[10:310].view(20, 15), bucket[310:317]]
     before = bucket.clone()
     total = tritonclip.clip_grad_norm_(params_with(views), 0.1, backend=backend)
-    assert_norm_close(total, reference.total_norm([before], 2.0))
+    assert_norm_close(total, reference.total_norm([before], 2.0), grads=[before])
     assert_scaled_once(bucket, before, applied_coefficient(total, 0.1))
     if backend == "triton":
-        plan = next(iter(kernels.plan_cache._items.values()))
+        (plan,) = cached_plans()
         assert sum(launch.n_spans for launch in plan.launches) == 1
 
 
@@ -78,7 +79,7 @@ def test_non_contiguous_grads(backend):
     strided = random_grads([8 * 6], torch.float32, seed=1)[0].view(8, 6)[:, ::2]  # not dense
     before_base, before_strided_parent = base.clone(), strided.clone()
     total = tritonclip.clip_grad_norm_(params_with([transposed, strided]), 0.1, backend=backend)
-    assert_norm_close(total, reference.total_norm([before_base, before_strided_parent], 2.0))
+    assert_norm_close(total, reference.total_norm([before_base, before_strided_parent], 2.0), grads=[before_base, before_strided_parent])
     coef = applied_coefficient(total, 0.1)
     assert_scaled_once(base, before_base, coef)
     assert_scaled_once(strided, before_strided_parent, coef)
@@ -181,7 +182,7 @@ def test_meta_tensors_rejected():
 
 
 def test_forced_triton_without_interpreter_fails_before_any_change(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels.config, "_INTERPRETED", False)
     grads, before = _grads_and_copies()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         tritonclip.clip_grad_norm_(params_with(grads), 1e-3, backend="triton")
@@ -204,20 +205,23 @@ def test_env_selects_backend(monkeypatch):
     with pytest.raises(ValueError, match="TRITONCLIP_BACKEND"):
         tritonclip.get_total_norm([torch.ones(3)])
     monkeypatch.setenv("TRITONCLIP_BACKEND", "torch")
+    builds = PlanBuilds(monkeypatch)
     tritonclip.get_total_norm([torch.ones(3)])
-    assert kernels.plan_cache.builds == 0
+    assert builds.count == 0
 
 
 @pytest.mark.interpreter
 def test_env_triton_backend_runs_kernels(monkeypatch):
     monkeypatch.setenv("TRITONCLIP_BACKEND", "triton")
+    builds = PlanBuilds(monkeypatch)
     tritonclip.get_total_norm([torch.ones(3)])
-    assert kernels.plan_cache.builds == 1
+    assert builds.count == 1
 
 
-def test_auto_backend_uses_torch_on_cpu():
+def test_auto_backend_uses_torch_on_cpu(monkeypatch):
+    builds = PlanBuilds(monkeypatch)
     tritonclip.clip_grad_norm_(params_with(random_grads([10], torch.float32)), 1e-3)
-    assert kernels.plan_cache.builds == 0
+    assert builds.count == 0
 
 
 def test_complex_and_sparse_grads_on_torch_backend():
@@ -280,26 +284,30 @@ def test_value_clip_rejects_complex_and_uncoalesced_sparse_before_any_change():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_norm_is_float32_whatever_the_default_dtype(backend):
+def test_norm_dtype_follows_the_gradients_not_the_default_dtype(backend):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         assert tritonclip.get_total_norm([], backend=backend).dtype == torch.float32
-        assert tritonclip.get_total_norm([torch.ones(3)], backend=backend).dtype == torch.float32
+        ones = torch.ones(3, dtype=torch.float32)
+        assert tritonclip.get_total_norm([ones], backend=backend).dtype == torch.float32
+        assert tritonclip.get_total_norm([ones.double()], backend=backend).dtype == torch.float64
+        assert tritonclip.get_total_norm([ones, ones.double()],
+                                         backend=backend).dtype == torch.float64
     finally:
         torch.set_default_dtype(previous)
 
 
 def test_layout_cache_reuses_grouping_for_the_same_tensors(monkeypatch):
-    from tritonclip import _groups
+    from tritonclip import _layout
 
     grads = random_grads([10, 20, 30], torch.float32)
     params = params_with(grads)
     tritonclip.clip_grad_norm_(params, 1e-3)
-    monkeypatch.setattr(_groups, "_layouts", lambda *a: pytest.fail("grouped again"))
+    monkeypatch.setattr(_layout, "spans", lambda *a: pytest.fail("grouped again"))
     before = [g.clone() for g in grads]
     total = tritonclip.clip_grad_norm_(params, 1e-3)
-    assert_norm_close(total, reference.total_norm(before, 2.0))
+    assert_norm_close(total, reference.total_norm(before, 2.0), grads=before)
     for g, b in zip(grads, before):
         assert_scaled_once(g, b, applied_coefficient(total, 1e-3))
 
@@ -322,15 +330,15 @@ def test_layout_cache_notices_a_changed_list(change):
         grads[1] = base[16:48]
         expected = [base[:48]]
     total = tritonclip.get_total_norm(grads)
-    assert_norm_close(total, reference.total_norm(expected, 2.0))
+    assert_norm_close(total, reference.total_norm(expected, 2.0), grads=expected)
 
 
 def test_the_same_gradient_objects_skip_the_signature(monkeypatch):
-    from tritonclip import _groups
+    from tritonclip import _core
 
     grads = random_grads([100, 200, 50], torch.float32)
     expected = tritonclip.get_total_norm(grads)
-    monkeypatch.setattr(_groups, "_signature", lambda *a: pytest.fail("signature computed"))
+    monkeypatch.setattr(_core, "_signature", lambda *a: pytest.fail("signature computed"))
     assert torch.equal(tritonclip.get_total_norm(grads), expected)
 
 
@@ -345,4 +353,4 @@ def test_a_gradient_object_whose_memory_changed_is_regrouped(change):
     else:
         grads[1].resize_(50)
     total = tritonclip.get_total_norm(grads)
-    assert_norm_close(total, reference.total_norm([g.clone() for g in grads], 2.0))
+    assert_norm_close(total, reference.total_norm([g.clone() for g in grads], 2.0), grads=[g.clone() for g in grads])

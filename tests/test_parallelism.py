@@ -71,14 +71,14 @@ def _one_dimensional_mesh(rank, world, backend):
         with _CountAllReduce() as counter:
             total = tritonclip.get_total_norm(grads(), p, backend=backend)
         assert type(total) is torch.Tensor and total.dtype == torch.float32
-        assert_norm_close(total, reference.total_norm(full, p))
+        assert_norm_close(total, reference.total_norm(full, p), grads=full)
         assert counter.calls == 1  # the Shard set only; Replicate and plain need none
     # clipping scales every local tensor (the Partial addends too) by the global coefficient
     gs = grads()
     before = [g.to_local().clone() if isinstance(g, DTensor) else g.clone() for g in gs]
     total = tritonclip.clip_grad_norm_([_dtensor_param(g) if isinstance(g, DTensor)
                                         else _plain_param(g) for g in gs], 1.0, backend=backend)
-    assert_norm_close(total, reference.total_norm(full, 2.0))
+    assert_norm_close(total, reference.total_norm(full, 2.0), grads=full)
     for g, b in zip(gs, before):
         assert_scaled_once(g.to_local() if isinstance(g, DTensor) else g, b,
                            applied_coefficient(total, 1.0))
@@ -186,7 +186,7 @@ def _ddp_bucket_views(rank, world, backend):
     and clip of torch on the same (already averaged) gradients."""
     import tritonclip
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from tritonclip._groups import group_tensors
+    from tritonclip import _core
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(64, 64) for _ in range(6)]
@@ -201,7 +201,7 @@ def _ddp_bucket_views(rank, world, backend):
     grads = [p.grad for p in model.parameters()]
     buckets = {g.untyped_storage().data_ptr() for g in grads}
     assert len(buckets) > 1
-    (group,) = group_tensors(grads, backend)
+    (group,) = _core._span_layout(grads, backend).groups
     assert len(group.spans) == len(buckets)  # every bucket's views merged into one span
     saved = [g.clone() for g in grads]
     with _CountAllReduce() as counter:
@@ -233,7 +233,7 @@ def _tensor_parallel_duplicates(rank, world, backend):
         total = tritonclip.clip_grad_norm_(params, 0.5, p, process_group=group,
                                            norm_filter=megatron_norm_filter(group),
                                            backend=backend)
-        assert_norm_close(total, reference.total_norm([column, row, norm], p))
+        assert_norm_close(total, reference.total_norm([column, row, norm], p), grads=[column, row, norm])
         # the replicated parameter is scaled on every rank, rank 0 or not
         assert_scaled_once(params[2].grad, norm, applied_coefficient(total, 0.5))
     # negative control: without the filter the layer norm is counted once per rank
@@ -260,7 +260,7 @@ def _pipeline_stages(rank, world, backend):
                                            norm_filter=megatron_norm_filter(),
                                            backend=backend)
         expected = [t for stage in stages for t in stage] + [embedding]
-        assert_norm_close(total, reference.total_norm(expected, p))
+        assert_norm_close(total, reference.total_norm(expected, p), grads=expected)
 
 
 def _two_dimensional_mesh(rank, world, backend):
@@ -282,7 +282,7 @@ def _two_dimensional_mesh(rank, world, backend):
                  full[5].clone()]
         with _CountAllReduce() as counter:
             total = tritonclip.get_total_norm(grads, p, backend=backend)
-        assert_norm_close(total, reference.total_norm(full, p))
+        assert_norm_close(total, reference.total_norm(full, p), grads=full)
         # (tp, dp) weights merge with the dp-only set after their tp reduction: 4, not 5
         assert counter.calls == 4
 
@@ -319,7 +319,7 @@ def _fsdp2_times_tensor_parallel(rank, world, backend):
                           reference.total_norm(full, p))
     before = [p.grad.to_local().clone() for p in params]
     total = tritonclip.clip_grad_norm_(params, 0.5, backend=backend)
-    assert_norm_close(total, reference.total_norm(full, 2.0))
+    assert_norm_close(total, reference.total_norm(full, 2.0), grads=full)
     for q, b in zip(params, before):
         assert_scaled_once(q.grad.to_local(), b, applied_coefficient(total, 0.5))
 
@@ -341,7 +341,7 @@ def _fsdp2_times_pipeline(rank, world, backend):
         with _CountAllReduce() as counter:
             total = tritonclip.get_total_norm(grads, p, process_group=mesh.get_group("pp"),
                                               backend=backend)
-        assert_norm_close(total, reference.total_norm(everything, p))
+        assert_norm_close(total, reference.total_norm(everything, p), grads=everything)
         assert counter.calls == 2  # dp, then pp
 
 

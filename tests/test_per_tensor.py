@@ -7,11 +7,9 @@ import pytest
 import torch
 
 import tritonclip
-from helpers import DTYPE_IDS, DTYPES, params_with, poisoned, random_grads
-from tritonclip import kernels
+from helpers import cached_plans, DTYPE_IDS, DTYPES, norm_dtype, params_with, PlanBuilds, poisoned, random_grads
+from tritonclip import _core, kernels
 from tritonclip import reference_adaptive as ref
-from tritonclip import _rows
-from tritonclip.kernels import plan as plan_module
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
             pytest.param("torch", id="torch")]
@@ -20,8 +18,7 @@ SIZES = [1, 63, 0, 4097, 70001, 3000]
 
 @pytest.fixture(autouse=True)
 def _fresh_row_caches():
-    kernels.row_plan_cache.clear()
-    _rows.clear_cache()
+    _core.clear_cache()
 
 
 def _expected_scaled(before, norm, max_norm, eps=1e-6):
@@ -46,7 +43,7 @@ def test_matches_reference(backend, dtype, norm_type):
     ref_norms, ref_clipped = ref.clip_grad_norm_per_tensor(before, max_norm, norm_type)
     norms = tritonclip.clip_grad_norm_per_tensor_(params_with(grads), max_norm, norm_type,
                                                   backend=backend)
-    assert norms.dtype == torch.float32 and norms.shape == (len(grads),)
+    assert norms.dtype == norm_dtype(grads) and norms.shape == (len(grads),)
     torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=0)
     untouched = 0
     for g, b, r, n in zip(grads, before, ref_clipped, norms):
@@ -68,25 +65,27 @@ def test_negative_control_global_clip_is_not_per_tensor():
 
 
 @pytest.mark.interpreter
-def test_one_plan_covers_every_tensor():
+def test_one_plan_covers_every_tensor(monkeypatch):
     # One row plan for the group: the norm and the scale each launch once per alignment
     # class of the plan (the launchers loop over plan.launches), whatever the tensor count.
     grads = random_grads([100, 4097, 3, 70001], torch.float32)
+    builds = PlanBuilds(monkeypatch)
     tritonclip.clip_grad_norm_per_tensor_(params_with(grads), 0.5, backend="triton")
-    assert kernels.row_plan_cache.builds == 1
-    rows = next(iter(kernels.row_plan_cache._items.values()))
-    assert rows.n_rows == 4 and len(rows.plan.launches) == 2  # 3 and 4097 are unaligned
+    assert builds.count == 1
+    (rows,) = cached_plans()
+    assert rows.n_rows == 4 and len(rows.launches) == 2  # 3 and 4097 are unaligned
     assert sorted(rows.order.tolist()) == [0, 1, 2, 3]
 
 
 @pytest.mark.interpreter
-def test_second_call_builds_nothing():
+def test_second_call_builds_nothing(monkeypatch):
     grads = random_grads([100, 4097, 3], torch.float32)
     params = params_with(grads)
+    builds = PlanBuilds(monkeypatch)
     tritonclip.clip_grad_norm_per_tensor_(params, 0.1, backend="triton")
-    assert kernels.row_plan_cache.builds == 1
+    assert builds.count == 1
     tritonclip.clip_grad_norm_per_tensor_(params, 0.1, backend="triton")
-    assert kernels.row_plan_cache.builds == 1
+    assert builds.count == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,16 +175,15 @@ def test_row_plan_equals_plan_builder_for_whole_tensors(dtype):
     views = [flat[:70000], flat[70001:70006], flat[70008:140008 + 8], flat[150001:150002]]
     rows = kernels.build_row_plan([(v.data_ptr(), 1, v.numel()) for v in views], flat.device,
                                   dtype)
-    expected = plan_module._build([(v.data_ptr(), v.numel()) for v in views], flat.device,
-                                  dtype, True)
-    assert rows.plan.n_partials == expected.n_partials
-    assert rows.plan.n_segments == expected.n_segments
-    assert torch.equal(rows.plan.segments, expected.segments)
-    assert len(rows.plan.launches) == len(expected.launches)
-    for a, b in zip(rows.plan.launches, expected.launches):
+    expected = kernels.build_plan([(v.data_ptr(), v.numel()) for v in views], flat.device,
+                                  dtype)
+    assert rows.n_partials == expected.n_partials
+    assert rows.n_segments == 1 + len(views) and expected.n_segments == 1
+    assert torch.equal(rows.segments[0], expected.segments[0])
+    assert len(rows.launches) == len(expected.launches)
+    for a, b in zip(rows.launches, expected.launches):
         n = 2 * a.n_spans + 2 * a.n_chunks
-        assert (a.aligned, a.n_spans, a.n_chunks, a.partial_offset) == \
-               (b.aligned, b.n_spans, b.n_chunks, b.partial_offset)
+        assert (a.aligned, a.n_spans, a.n_chunks) == (b.aligned, b.n_spans, b.n_chunks)
         assert torch.equal(a.table[:n], b.table[:n])
 
 
@@ -195,9 +193,9 @@ def test_row_norms_and_per_row_scale(dtype):
     w = random_grads([7 * 301], dtype, seed=2)[0].view(7, 301)
     long_rows = random_grads([2 * (kernels.CHUNK + 5)], dtype, seed=5)[0].view(2, -1)
     entries = [(w.data_ptr(), 7, 301), (long_rows.data_ptr(), 2, kernels.CHUNK + 5)]
-    rows = kernels.row_plan_cache.get(entries, w.device, dtype)
+    rows = kernels.build_row_plan(entries, w.device, dtype)
     assert rows.n_rows == 9
-    power = kernels.finalize(rows.plan, kernels.norm_partials(rows.plan, 2.0), 2.0)
+    power = kernels.finalize(rows, kernels.norm_partials(rows, 2.0), 2.0)
     expected = torch.cat([w.double().norm(dim=1), long_rows.double().norm(dim=1)])
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(power[1:].double().sqrt(), expected, rtol=rtol, atol=0)
@@ -218,7 +216,7 @@ def test_row_norms_and_per_row_scale(dtype):
 @pytest.mark.interpreter
 def test_scale_each_without_skip_applies_every_coefficient():
     g = random_grads([1000], torch.float32)[0]
-    rows = kernels.row_plan_cache.get([(g.data_ptr(), 4, 250)], g.device, torch.float32)
+    rows = kernels.build_row_plan([(g.data_ptr(), 4, 250)], g.device, torch.float32)
     before = g.clone()
     coef = torch.tensor([2.0, 1.0, 0.5, 4.0])
     kernels.scale_each_(rows, coef, skip_at_least_one=False)
@@ -230,12 +228,12 @@ def test_scale_each_without_skip_applies_every_coefficient():
 @pytest.mark.interpreter
 def test_every_row_partial_is_written():
     g = random_grads([3 * 70001], torch.float32)[0]
-    rows = kernels.row_plan_cache.get([(g.data_ptr(), 3, 70001)], g.device, torch.float32)
+    rows = kernels.build_row_plan([(g.data_ptr(), 3, 70001)], g.device, torch.float32)
     original_empty = torch.empty
     try:  # poison the launchers' own allocations
         torch.empty = lambda *a, **k: original_empty(*a, **k).fill_(float("nan"))
-        partials = kernels.norm_partials(rows.plan, 2.0)
-        out = kernels.finalize(rows.plan, partials, 2.0)
+        partials = kernels.norm_partials(rows, 2.0)
+        out = kernels.finalize(rows, partials, 2.0)
     finally:
         torch.empty = original_empty
     assert not partials.isnan().any() and not out.isnan().any()

@@ -40,7 +40,7 @@ from .adaptive import AutoClip, ZClip, clip_grad_agc_  # noqa: E402
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm  # noqa: E402
 from .error_clip import ClipCounter, ErrorClip, ErrorClipHandle, error_clip, register_error_clip  # noqa: E402
 from .monitor import GradNormMonitor  # noqa: E402
-from .optim import ClipHandle, attach  # noqa: E402
+from ._attach import ClipHandle, attach  # noqa: E402
 from .per_tensor import clip_grad_norm_per_tensor_  # noqa: E402
 
 __version__ = "0.1.0"

@@ -8,9 +8,10 @@ import numbers
 
 import torch
 
-from . import _dispatch, _torch_backend, _validate
+from . import _core, _normmath
 from .adaptive import clip_grad_agc_
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
+from .optim import MARKER, clip_into_, folds_into
 from .per_tensor import clip_grad_norm_per_tensor_
 
 __all__ = ["ClipHandle", "attach"]
@@ -21,7 +22,7 @@ _AGC_KEYS = ("clip_factor", "eps")
 
 
 def _optional(value, name: str) -> float | None:
-    return None if value is None else _validate.nonnegative(value, name)
+    return None if value is None else _core.nonnegative(value, name)
 
 
 def _agc_arguments(agc) -> dict | None:
@@ -31,11 +32,11 @@ def _agc_arguments(agc) -> dict | None:
         unknown = set(agc) - set(_AGC_KEYS)
         if unknown:
             raise ValueError(f"agc takes the keys {_AGC_KEYS}, got {sorted(unknown)}")
-        return {k: _validate.nonnegative(v, f"agc[{k!r}]", allow_inf=False)
+        return {k: _core.nonnegative(v, f"agc[{k!r}]", allow_inf=False)
                 for k, v in agc.items()}
     if isinstance(agc, bool) or not isinstance(agc, numbers.Real):
         raise TypeError(f"agc must be None, a clip factor or a dict of clip_factor/eps, got {agc!r}")
-    return {"clip_factor": _validate.nonnegative(agc, "agc", allow_inf=False)}
+    return {"clip_factor": _core.nonnegative(agc, "agc", allow_inf=False)}
 
 
 def _check_groups(optimizer: torch.optim.Optimizer) -> None:
@@ -136,7 +137,7 @@ def attach(
     if adaptive is not None and max_norm is not None:
         raise ValueError(f"give max_norm ({max_norm!r}) or adaptive, not both")
     adaptive_order = getattr(adaptive, "norm_type", None)
-    if adaptive_order is not None and adaptive_order != _validate.norm_type_value(norm_type):
+    if adaptive_order is not None and adaptive_order != _core.norm_type_value(norm_type):
         raise ValueError(
             f"adaptive clips with norm_type {adaptive_order!r} but attach has norm_type "
             f"{norm_type!r}: last_norm, skip_above and the monitor combine norms of one order"
@@ -149,13 +150,13 @@ def attach(
         clip_value=_optional(clip_value, "clip_value"),
         per_tensor_norm=_optional(per_tensor_norm, "per_tensor_norm"),
         agc=_agc_arguments(agc),
-        norm_type=_validate.norm_type_value(norm_type),
-        eps=_validate.nonnegative(eps, "eps", allow_inf=False),
+        norm_type=_core.norm_type_value(norm_type),
+        eps=_core.nonnegative(eps, "eps", allow_inf=False),
         skip_nonfinite=skip_nonfinite,
         skip_above=_optional(skip_above, "skip_above"),
         fold=fold,
-        foreach=_validate.foreach_value(foreach),
-        backend=_validate.backend_name(backend),
+        foreach=_core.foreach_value(foreach),
+        backend=_core.backend_name(backend),
     )
     _check_groups(optimizer)
     if not (any(config[k] is not None for k in ("max_norm", "clip_value", "per_tensor_norm",
@@ -288,8 +289,6 @@ class ClipHandle:
 
     # -- pieces ---------------------------------------------------------------------------
     def _global_clip(self, optimizer, default, everything, own) -> torch.Tensor:
-        from .optim import clip_into_, folds_into
-
         cfg = self.config
         # Under a GradScaler's step (grad_scale/found_inf already set) the scaler deletes
         # both attributes after the step itself: no folding there.
@@ -320,13 +319,12 @@ class ClipHandle:
             return norms[0]
         p = self.config["norm_type"]
         device = norms[0].device
-        stacked = torch.stack([_dispatch.move(n, device) for n in norms]).double()
-        power = _torch_backend.reduce_power(_torch_backend.power_form(stacked, p), p)
-        return _torch_backend.root(power, p).float()
+        stacked = torch.stack([_core.move(n, device) for n in norms]).double()
+        power = _normmath.reduce_power(_normmath.power_form(stacked, p), p)
+        dtype = _normmath.result_dtype(n.dtype for n in norms)
+        return _normmath.root(power, p).to(dtype)
 
     def _skip(self, optimizer, total: torch.Tensor) -> None:
-        from .optim import folds_into
-
         cfg = self.config
         if not cfg["skip_nonfinite"] and cfg["skip_above"] is None:
             self.last_skipped = None
@@ -341,8 +339,7 @@ class ClipHandle:
             flag = bad.float()
             existing = getattr(optimizer, "found_inf", None)
             if existing is not None:  # a GradScaler's: it deletes it after the step
-                optimizer.found_inf = torch.maximum(existing, _dispatch.move(flag,
-                                                                             existing.device))
+                optimizer.found_inf = torch.maximum(existing, _core.move(flag, existing.device))
             else:
                 optimizer.found_inf = flag
                 self._set_found_inf = True
@@ -358,10 +355,8 @@ class ClipHandle:
         self._hidden = []
 
     def _check_unscaled(self, optimizer) -> None:
-        from .optim import _MARKER
-
         scale = getattr(optimizer, "grad_scale", None)
-        if scale is not None and not getattr(optimizer, _MARKER, False):
+        if scale is not None and not getattr(optimizer, MARKER, False):
             raise RuntimeError(
                 "the gradients are still scaled by a GradScaler when the step starts: call "
                 "scaler.unscale_(optimizer) before scaler.step(optimizer) when clipping is "

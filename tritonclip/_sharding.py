@@ -10,8 +10,7 @@ while the scaling, being linear, applies to the addends in place.
 
 Gradients are gathered into *norm sets*: the plain tensors, and one set per (mesh, sharded
 mesh dimensions) of the DTensors. Each set carries the groups it is reduced over, in order;
-:func:`tritonclip._dispatch.total_norm_of_sets` reduces them with as few all-reduces as the
-sets allow.
+the core (``_core._reduce_sets``) reduces them with as few all-reduces as the sets allow.
 """
 
 from __future__ import annotations
@@ -38,22 +37,6 @@ class NormSet(NamedTuple):
 
 def is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
-
-
-def has_dtensor(tensors: list[torch.Tensor]) -> bool:
-    # The distinct types, then a subclass test on each: ~25 ns a tensor, where isinstance
-    # on every tensor costs ~80 ns (measured on the H100 machine's host, 1000 tensors).
-    return DTensor is not None and any(issubclass(kind, DTensor)
-                                       for kind in set(map(type, tensors)))
-
-
-def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each DTensor replaced by its local tensor (the same memory: scaling it in place
-    scales the DTensor); plain tensors as they are. Without any DTensor, ``tensors`` itself
-    is returned, so ``local_tensors(ts) is not ts`` says whether there are DTensors."""
-    if not has_dtensor(tensors):
-        return tensors
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def check_no_partial(tensors: list[torch.Tensor], name: str) -> None:

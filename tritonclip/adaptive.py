@@ -9,10 +9,8 @@ import math
 
 import torch
 
-from . import _dispatch, _rows, _validate
-from ._groups import group_tensors
+from . import _core, _normmath
 from .clip_grad import TensorOrTensors
-from .per_tensor import positive_norm_type
 
 __all__ = ["AutoClip", "ZClip", "clip_grad_agc_"]
 
@@ -60,33 +58,22 @@ def clip_grad_agc_(
         norm_type (float or str): order of the unit-wise norms, > 0. Default: 2.0
         foreach, backend: as in :func:`tritonclip.clip_grad_norm_`.
     """
-    parameters = _validate.tensor_list(parameters, "parameters")
-    clip_factor = _validate.nonnegative(clip_factor, "clip_factor", allow_inf=False)
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    norm_type = positive_norm_type(norm_type)
-    foreach = _validate.foreach_value(foreach)
+    parameters = _core.tensor_list(parameters, "parameters")
+    clip_factor = _core.nonnegative(clip_factor, "clip_factor", allow_inf=False)
+    eps = _core.nonnegative(eps, "eps", allow_inf=False)
+    norm_type = _core.positive_norm_type(norm_type)
+    foreach = _core.foreach_value(foreach)
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]
-    layout = _rows.layout(grads, params, True, _validate.backend_name(backend))
+    rows = _core.prepare_rows(grads, params, True, _core.backend_name(backend), "scale")
     coefs = []
-    for group in layout.groups:
-        weight_norms = _rows.row_norms(group, params, norm_type, True, foreach)
-        grad_norms = _rows.row_norms(group, grads, norm_type, False, foreach)
+    for group in rows.groups:
+        weight_norms = rows.norms(group, norm_type, foreach, "params")[0]
+        grad_norms = rows.norms(group, norm_type, foreach)[0]
         max_norm = weight_norms.clamp(min=eps) * clip_factor
         coef = max_norm / grad_norms.clamp(min=1e-6)
         coefs.append(torch.where(grad_norms < max_norm, torch.ones_like(coef), coef))
-    for group, coef in zip(layout.groups, coefs):
-        _rows.scale_rows_(group, grads, coef)
-
-
-def _gradients(parameters, backend):
-    parameters = _validate.tensor_list(parameters, "parameters")
-    grads = _validate.grads_of(parameters)
-    return grads, group_tensors(grads, _validate.backend_name(backend), purpose="scale")
-
-
-def _device_tensor(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else _dispatch.move(t, device)
+    rows.scale_(coefs)
 
 
 class _HistoryClipper:
@@ -95,10 +82,10 @@ class _HistoryClipper:
 
     def __init__(self, norm_type, eps, foreach, backend):
         """The arguments every such clipper takes, checked; no threshold or coefficient yet."""
-        self.norm_type = _validate.norm_type_value(norm_type)
-        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-        self.foreach = _validate.foreach_value(foreach)
-        self.backend = _validate.backend_name(backend)
+        self.norm_type = _core.norm_type_value(norm_type)
+        self.eps = _core.nonnegative(eps, "eps", allow_inf=False)
+        self.foreach = _core.foreach_value(foreach)
+        self.backend = _core.backend_name(backend)
         self.last_threshold: torch.Tensor | None = None
         self.last_coef: torch.Tensor | None = None
 
@@ -110,11 +97,12 @@ class _HistoryClipper:
         Returns:
             The total norm before clipping (float32, 0-dim, on the first gradient's device).
         """
-        grads, groups = _gradients(parameters, self.backend)
-        norm = _dispatch.total_norm(grads, groups, self.norm_type, self.foreach)
+        grads = _core.prepare(_core.tensor_list(parameters, "parameters"), self.backend,
+                              "scale", parameters=True)
+        norm = grads.norm(self.norm_type, self.foreach)
         coef = self._coefficient(norm)
-        if grads and coef is not None:
-            _dispatch.scale_(groups, coef, self.foreach)
+        if coef is not None:
+            grads.scale_(coef, self.foreach)
         self.last_coef = coef if coef is not None else torch.ones_like(norm)
         return norm
 
@@ -157,7 +145,7 @@ class AutoClip(_HistoryClipper):
     def __init__(self, percentile: float = 10.0, history: int | None = None, *,
                  norm_type: float | str = 2.0, eps: float = _CLIP_EPS,
                  foreach: bool | None = None, backend: str | None = None):
-        percentile = _validate.nonnegative(percentile, "percentile", allow_inf=False)
+        percentile = _core.nonnegative(percentile, "percentile", allow_inf=False)
         if percentile > 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
         if history is not None and (isinstance(history, bool) or not isinstance(history, int)
@@ -172,7 +160,7 @@ class AutoClip(_HistoryClipper):
     def _coefficient(self, norm: torch.Tensor) -> torch.Tensor:
         """Record the norm, then the coefficient for the percentile of the history."""
         self.last_threshold = self._record(norm)
-        return _dispatch.clip_coefficient(norm, self.last_threshold, self.eps,
+        return _normmath.clip_coefficient(norm, self.last_threshold, self.eps,
                                           skip_nonfinite=False)
 
     def _record(self, norm: torch.Tensor) -> torch.Tensor:
@@ -182,7 +170,7 @@ class AutoClip(_HistoryClipper):
         if self._norms is None:
             self._norms = torch.zeros(capacity, dtype=torch.float32, device=norm.device)
         elif self._norms.device != norm.device:
-            self._norms = _dispatch.move(self._norms, norm.device)
+            self._norms = _core.move(self._norms, norm.device)
         if self.history is None and self._count == self._norms.numel():
             self._norms = torch.cat([self._norms, torch.zeros_like(self._norms)])
         slot = self._count % self._norms.numel() if self.history else self._count
@@ -209,18 +197,23 @@ class AutoClip(_HistoryClipper):
 
 
 def percentile_of(values: torch.Tensor, percentile: float) -> torch.Tensor:
-    """``numpy.percentile(values, percentile)`` (method "linear") of a 1-D device tensor,
-    with the position computed on the host: sort, two reads, numpy's two-sided lerp."""
+    """``numpy.percentile(values, percentile)`` (method "linear") of a 1-D device tensor of
+    norms (>= 0, maybe +inf), with the position computed on the host: sort, two reads,
+    numpy's two-sided lerp. At a whole-number position the value is the order statistic
+    itself, and a lerp towards +inf is +inf: an inf in the history never makes the threshold
+    NaN (``inf * 0`` or ``inf - inf`` in the lerp would)."""
     n = values.numel()
     ordered = torch.sort(values).values
     position = percentile / 100.0 * (n - 1)
     below = math.floor(position)
-    above = min(below + 1, n - 1)
     t = position - below
-    a, b = ordered[below], ordered[above]
+    a = ordered[below]
+    if t == 0:
+        return a
+    b = ordered[min(below + 1, n - 1)]
     diff = b - a
     value = b - diff * (1 - t) if t >= 0.5 else a + diff * t
-    return torch.where(a == b, a, value)  # inf == inf: no inf - inf
+    return torch.where(torch.isinf(b), b, value)
 
 
 class ZClip(_HistoryClipper):
@@ -280,10 +273,10 @@ class ZClip(_HistoryClipper):
                  clip_factor: float = 1.0, skip_update_on_spike: bool = False, *,
                  norm_type: float | str = 2.0, foreach: bool | None = None,
                  backend: str | None = None):
-        alpha = _validate.nonnegative(alpha, "alpha", allow_inf=False)
+        alpha = _core.nonnegative(alpha, "alpha", allow_inf=False)
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        z_thresh = _validate.nonnegative(z_thresh, "z_thresh", allow_inf=False)
+        z_thresh = _core.nonnegative(z_thresh, "z_thresh", allow_inf=False)
         if z_thresh == 0:
             raise ValueError("z_thresh must be > 0, got 0")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) \
@@ -300,11 +293,11 @@ class ZClip(_HistoryClipper):
         self.alpha = alpha
         self.z_thresh = z_thresh
         self.max_grad_norm = (None if max_grad_norm is None
-                              else _validate.nonnegative(max_grad_norm, "max_grad_norm"))
+                              else _core.nonnegative(max_grad_norm, "max_grad_norm"))
         self.warmup_steps = warmup_steps
         self.mode = mode
         self.clip_option = clip_option
-        self.clip_factor = _validate.nonnegative(clip_factor, "clip_factor", allow_inf=False)
+        self.clip_factor = _core.nonnegative(clip_factor, "clip_factor", allow_inf=False)
         self.skip_update_on_spike = skip_update_on_spike
         self._step = 0
         self._warmup: torch.Tensor | None = None
@@ -328,7 +321,7 @@ class ZClip(_HistoryClipper):
         if self._warmup is None:
             self._warmup = torch.zeros(self.warmup_steps, dtype=torch.float32,
                                        device=norm.device)
-        self._warmup = _dispatch.move(self._warmup, norm.device)
+        self._warmup = _core.move(self._warmup, norm.device)
         self._warmup[self._step] = norm
         if self._step == self.warmup_steps - 1:
             values = self._warmup
@@ -342,12 +335,12 @@ class ZClip(_HistoryClipper):
             self.last_threshold = torch.full_like(norm, math.inf)
             return None
         self.last_threshold = torch.full_like(norm, self.max_grad_norm)
-        return _dispatch.clip_coefficient(norm, self.max_grad_norm, _CLIP_EPS,
+        return _normmath.clip_coefficient(norm, self.max_grad_norm, _CLIP_EPS,
                                           skip_nonfinite=False)
 
     def _clip_and_update(self, norm: torch.Tensor) -> torch.Tensor:
-        mean = _dispatch.move(self.mean, norm.device)
-        var = _dispatch.move(self.var, norm.device)
+        mean = _core.move(self.mean, norm.device)
+        var = _core.move(self.var, norm.device)
         std = var.sqrt()
         if self.mode == "percentile":
             level = mean + self.z_thresh * std

@@ -14,18 +14,35 @@ One difference: the norm is of the *scaled* gradients, so a norm that overflows 
 once scaled (|g| * scale beyond about 1.8e19 for p = 2) counts as an overflow: the step is
 skipped and the scale backed off, where the two calls would clip and step. Gradients that
 large are a diverging run either way.
+
+The GradScaler's state is private (``_per_optimizer_states``, ``_check_scale_growth_tracker``):
+it is read only after a feature check (:func:`fuses`), and only for ``torch.amp.GradScaler``
+itself and torch's ``ShardedGradScaler`` (FSDP), whose ``found_inf`` is all-reduced over its
+process group as its own ``unscale_`` does. Any other scaler (a subclass with its own
+``unscale_``, or a torch whose GradScaler lacks that state) gets its own ``unscale_`` and then
+:func:`tritonclip.clip_grad_norm_`: correct, in five passes.
 """
 
 from __future__ import annotations
 
-
 import torch
-from torch.amp.grad_scaler import OptState
 
-from . import _dispatch, _sharding, _triton_backend, _validate
-from ._groups import group_tensors
+from . import _core, distributed
+from .clip_grad import clip_grad_norm_
 
-__all__ = ["unscale_and_clip_", "unscale_and_clip_grads_"]
+try:
+    from torch.amp.grad_scaler import OptState
+except ImportError:  # pragma: no cover - depends on the torch version
+    OptState = None
+
+try:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+except ImportError:  # pragma: no cover - torch without distributed
+    ShardedGradScaler = None
+
+__all__ = ["fuses", "unscale_and_clip_", "unscale_and_clip_grads_"]
+
+_STATE = ("_per_optimizer_states", "_check_scale_growth_tracker")
 
 
 @torch.no_grad()
@@ -39,6 +56,7 @@ def unscale_and_clip_grads_(
     backend: str | None = None,
     eps: float = 1e-6,
     nonfinite: str = "propagate",
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Unscale gradients by ``inv_scale`` and clip them to ``max_norm``, in two passes.
 
@@ -53,52 +71,33 @@ def unscale_and_clip_grads_(
         grads (list[Tensor]): the scaled gradients, of any float dtypes and devices.
         inv_scale (Tensor): ``1 / scale``, a float32 one-element tensor (on any device; it is
             read there, never on the host).
-        max_norm, norm_type, foreach, backend, eps: as in :func:`tritonclip.clip_grad_norm_`.
+        max_norm, norm_type, foreach, backend, eps, process_group: as in
+            :func:`tritonclip.clip_grad_norm_`.
         nonfinite (str): as in :func:`tritonclip.clip_grad_norm_`; ``"skip"`` leaves the
             (still scaled) gradients untouched when a gradient is inf or NaN.
 
     Returns:
-        ``(total_norm, found_inf)``: the norm of the unscaled gradients (float32, 0-dim, on
-        the first gradient's device) and 1.0 if any gradient is inf or NaN, else 0.0 (float32,
-        0-dim, same device).
+        ``(total_norm, found_inf)``: the norm of the unscaled gradients (0-dim, on the first
+        gradient's device; float32, float64 when a float64 gradient takes part) and 1.0 if any
+        gradient (on any rank of ``process_group``) is inf or NaN, else 0.0 (float32, 0-dim,
+        same device).
     """
-    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+    grads = _core.tensor_list(grads, "grads")
+    max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, False, foreach)
     if not isinstance(inv_scale, torch.Tensor) or inv_scale.numel() != 1:
-        raise TypeError(f"inv_scale must be a one-element tensor, got {inv_scale!r}")
-    backend = _validate.backend_name(backend)
-    grads = list(grads)
-    local = _sharding.local_tensors(grads)
-    groups = group_tensors(local, backend, purpose="scale")
-    device = local[0].device if grads else inv_scale.device
-    inv_scale = _dispatch.move(inv_scale.reshape(()), device, torch.float32)
+        raise TypeError(f"inv_scale must be a one-element tensor, got {_core._short(inv_scale)}")
+    prepared = _core.prepare(grads, _core.backend_name(backend), "scale", parameters=False,
+                             process_group=process_group, name="grads")
+    device = prepared.device if grads else inv_scale.device
+    inv_scale = _core.move(inv_scale.reshape(()), device, torch.float32)
     if not grads:
         return torch.zeros((), device=device), torch.zeros((), device=device)
-
-    group = None if local is not grads else _dispatch.fused_group(local, groups, norm_type)
-    if group is not None:
-        # One launch gives the unscaled norm, the factor and found_inf (the same values as
-        # the torch ops below, bit for bit): with the scale, two launches in all.
-        total, factor, found_inf = _triton_backend.unscale_norm_and_factor(
-            group, norm_type, max_norm, eps, mode == "skip", inv_scale)
-        _dispatch.check_nonfinite(total, mode, norm_type)
-    else:
-        scaled_norm = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
-        found_inf = nonfinite_flag(scaled_norm)
-        total = scaled_norm * inv_scale
-        _dispatch.check_nonfinite(total, mode, norm_type)
-        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=False)
-        factor = coef * inv_scale
-        if mode == "skip":
-            factor = torch.where(found_inf > 0, torch.ones_like(factor), factor)
-    _dispatch.scale_(groups, factor, foreach, skip_at_least_one=False)
+    total, factor, found_inf = prepared.norm_and_coefficient(
+        norm_type, foreach, max_norm, eps, mode == "skip", inv_scale)
+    _core.check_nonfinite(total, mode, norm_type)
+    prepared.scale_(factor, foreach, skip_at_least_one=False)
     return total, found_inf
-
-
-def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
-    """1.0 if the norm is inf or NaN, else 0.0 (float32): :func:`tritonclip.get_total_norm`'s
-    norm is non-finite whenever a gradient is, for every norm order."""
-    return (~torch.isfinite(norm)).float()
 
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -107,6 +106,16 @@ def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
     if scale.device.type == "mps":
         return scale.reciprocal()
     return scale.double().reciprocal().float()
+
+
+def fuses(scaler: torch.amp.GradScaler) -> bool:
+    """Whether :func:`unscale_and_clip_` can fold ``scaler``'s unscale into the clip: it is a
+    ``torch.amp.GradScaler`` whose ``unscale_`` is torch's own (or torch's
+    ``ShardedGradScaler``), and its private state is there to be read."""
+    unscale = type(scaler).unscale_
+    known = unscale is torch.amp.GradScaler.unscale_ or (
+        ShardedGradScaler is not None and unscale is ShardedGradScaler.unscale_)
+    return known and OptState is not None and all(hasattr(scaler, name) for name in _STATE)
 
 
 @torch.no_grad()
@@ -121,6 +130,7 @@ def unscale_and_clip_(
     backend: str | None = None,
     eps: float = 1e-6,
     nonfinite: str = "propagate",
+    process_group=None,
 ) -> torch.Tensor:
     r"""``scaler.unscale_(optimizer)`` then a global-norm clip of its gradients, in two passes.
 
@@ -137,48 +147,52 @@ def unscale_and_clip_(
     multiplied by a zero or NaN coefficient, as the two calls leave them; the step is skipped
     either way. ``nonfinite="skip"`` leaves them scaled and untouched instead.)
 
+    A ``ShardedGradScaler`` (FSDP) has ``found_inf`` all-reduced over its process group, as
+    its ``unscale_`` does, so every rank skips the same steps. Scalers this cannot fold (see
+    :func:`fuses`) get their own ``unscale_`` followed by :func:`tritonclip.clip_grad_norm_`.
+
     Args:
         scaler (torch.amp.GradScaler): the scaler whose ``scale`` produced the gradients.
         optimizer (torch.optim.Optimizer): whose parameters' gradients are unscaled and clipped.
-        max_norm, norm_type, foreach, backend, eps: as in :func:`tritonclip.clip_grad_norm_`.
+        max_norm, norm_type, foreach, backend, eps, process_group: as in
+            :func:`tritonclip.clip_grad_norm_` (``process_group``: the ranks whose shards
+            make up the gradients, e.g. FSDP's).
         error_if_nonfinite (bool): raise ``RuntimeError`` on an inf/NaN gradient (with AMP an
             overflow is routine; the default lets the scaler skip the step). Default: False
         nonfinite (str): ``"propagate"`` (default), ``"error"`` or ``"skip"``, as above.
 
     Returns:
-        The total norm of the *unscaled* gradients, float32 0-dim, on the first gradient's
-        device. A disabled scaler makes this :func:`tritonclip.clip_grad_norm_`.
-
-    This reads GradScaler's private state (``_scale``, ``_per_optimizer_states``), as torch's
-    own ``step`` does; it is tested against the two-call recipe step by step.
+        The total norm of the *unscaled* gradients, 0-dim, on the first gradient's device
+        (float32; float64 when a float64 gradient takes part). A disabled scaler makes this
+        :func:`tritonclip.clip_grad_norm_`.
     """
-    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
+    mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode,
+                  process_group=process_group)
     if not scaler.is_enabled():
-        from .clip_grad import clip_grad_norm_
-
-        return clip_grad_norm_(params, max_norm, norm_type, foreach=foreach, backend=backend,
-                               eps=eps, nonfinite=mode)
+        return clip_grad_norm_(params, max_norm, norm_type, **extras)
+    if not fuses(scaler):
+        scaler.unscale_(optimizer)
+        return clip_grad_norm_(params, max_norm, norm_type, **extras)
     state, scale = begin_unscale(scaler, optimizer)
-    grads = _validate.grads_of(params)
+    grads = _core.grads_of(params)
     for index, g in enumerate(grads):
         if g.dtype == torch.float16:
             raise ValueError(
                 f"gradients[{index}] is float16: GradScaler does not unscale float16 "
                 "gradients (keep the parameters in float32 under autocast)"
             )
-    inv_scale = inverse_scale(scale)
     total, found_inf = unscale_and_clip_grads_(
-        grads, inv_scale, max_norm, norm_type, foreach, backend=backend, eps=eps,
-        nonfinite=mode,
-    )
-    end_unscale(state, found_inf, grads)
+        grads, inverse_scale(scale), max_norm, norm_type, foreach, backend=backend, eps=eps,
+        nonfinite=mode, process_group=process_group)
+    end_unscale(scaler, state, found_inf, grads)
     return total
 
 
 def begin_unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer):
     """(the optimizer's GradScaler state, the scale tensor), after the checks that
-    ``GradScaler.unscale_`` makes first."""
+    ``GradScaler.unscale_`` makes first (for a scaler that :func:`fuses`)."""
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError(
@@ -190,9 +204,14 @@ def begin_unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     return state, scale
 
 
-def end_unscale(state: dict, found_inf: torch.Tensor, grads: list[torch.Tensor]) -> None:
-    """Leave the state as ``GradScaler.unscale_`` does: ``found_inf`` on every gradient
-    device, stage UNSCALED (so ``step`` consults it and ``update`` backs the scale off)."""
+def end_unscale(scaler, state: dict, found_inf: torch.Tensor,
+                grads: list[torch.Tensor]) -> None:
+    """Leave the state as ``unscale_`` does: ``found_inf`` on every gradient device (summed
+    over a ``ShardedGradScaler``'s process group), stage UNSCALED (so ``step`` consults it and
+    ``update`` backs the scale off)."""
+    group = getattr(scaler, "process_group", None)
+    if ShardedGradScaler is not None and isinstance(scaler, ShardedGradScaler):
+        found_inf = distributed.all_reduce_sum(found_inf, group)
     devices = dict.fromkeys(g.device for g in grads)
-    state["found_inf_per_device"] = {d: _dispatch.move(found_inf, d) for d in devices}
+    state["found_inf_per_device"] = {d: _core.move(found_inf, d) for d in devices}
     state["stage"] = OptState.UNSCALED

@@ -6,41 +6,9 @@ from typing import Iterable
 
 import torch
 
-from . import _dispatch, _sharding, _validate, distributed
-from ._groups import group_tensors
+from . import _core
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
-
-def _same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
-    """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
-    seen: dict[int, int] = {}
-    for index, (tensors, _) in enumerate(pairs):
-        for t in tensors:
-            if id(t) in seen:
-                raise ValueError(f"a tensor is in process_group[{seen[id(t)]}] and "
-                                 f"process_group[{index}]: each belongs to one group")
-            seen[id(t)] = index
-    if set(seen) != {id(t) for t in whole}:
-        raise ValueError(f"the (parameters, group) pairs of process_group must hold exactly "
-                         f"the {name} passed: {len(seen)} in the pairs, {len(whole)} passed")
-
-
-def _counted(tensors: list[torch.Tensor], norm_filter) -> list[torch.Tensor]:
-    """The tensors that ``norm_filter`` keeps in the norm (all, without one)."""
-    if norm_filter is None:
-        return tensors
-    if not callable(norm_filter):
-        raise TypeError(f"norm_filter must be a callable taking a tensor, got {norm_filter!r}")
-    return [t for t in tensors if norm_filter(t)]
-
-
-def _sharded_norm(whole, pairs, process_group, norm_type, foreach, backend, device, norm_filter,
-                  grads_of_members, name):
-    """The norm through norm sets (DTensor meshes, (parameters, group) pairs)."""
-    sets = []
-    for members, group in pairs if pairs is not None else [(whole, process_group)]:
-        sets += _sharding.norm_sets(grads_of_members(_counted(members, norm_filter)), group)
-    return _dispatch.total_norm_of_sets(sets, norm_type, foreach, backend, device, name)
 
 
 @torch.no_grad()
@@ -83,40 +51,39 @@ def get_total_norm(
             of the norm; see :func:`clip_grad_norm_`. Default: None (all are counted)
 
     Returns:
-        The total norm, a float32 0-dim tensor on the first tensor's device (a CPU tensor
-        ``0.`` for empty input). With ``per_tensor=True``, a tuple ``(total, norms)`` where
-        ``norms`` is a 1-D float32 tensor holding the norm of each input tensor, in order.
+        The total norm, a 0-dim tensor on the first tensor's device (a CPU tensor ``0.`` for
+        empty input): float32, float64 when a float64 tensor takes part. With
+        ``per_tensor=True``, a tuple ``(total, norms)`` where ``norms`` is a 1-D tensor of the
+        same dtype holding the norm of each input tensor, in order (NaN or inf for a tensor
+        with a NaN or inf element, whatever the order).
 
     Each distinct storage region is counted once: a tensor listed twice, or two views of
     the same memory, contribute their elements once.
     """
-    tensors = _validate.tensor_list(tensors, "tensors")
-    norm_type = _validate.norm_type_value(norm_type)
-    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
-    foreach = _validate.foreach_value(foreach)
-    backend = _validate.backend_name(backend)
-    pairs = distributed.pairs_of(process_group, "tensors")
-    local = _sharding.local_tensors(tensors)
-    groups = group_tensors(local, backend, name="tensors")
-    if pairs is not None:
-        _same_members(tensors, pairs, "tensors")
-    sharded = pairs is not None or local is not tensors  # (local is a new list: DTensors)
-    if per_tensor and (sharded or norm_filter is not None):
-        raise ValueError("per_tensor=True takes plain tensors, a single process_group and no "
-                         "norm_filter (per-tensor norms of shards would be the shards' norms)")
-    if sharded:
-        device = groups[0].device if groups else torch.device("cpu")
-        result = _sharded_norm(tensors, pairs, process_group, norm_type, foreach, backend,
-                               device, norm_filter, lambda ts: ts, "tensors")
-    elif norm_filter is not None:
-        counted = _counted(tensors, norm_filter)
-        result = _dispatch.total_norm(counted, group_tensors(counted, backend, name="tensors"),
-                                      norm_type, foreach, process_group=process_group)
-    else:
-        result = _dispatch.total_norm(tensors, groups, norm_type, foreach,
-                                      per_tensor=per_tensor, process_group=process_group)
-    _dispatch.check_nonfinite(result[0] if per_tensor else result, mode, norm_type)
-    return result
+    tensors = _core.tensor_list(tensors, "tensors")
+    norm_type = _core.norm_type_value(norm_type)
+    mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
+    foreach = _core.foreach_value(foreach)
+    backend = _core.backend_name(backend)
+    if per_tensor:
+        if (norm_filter is not None or isinstance(process_group, (list, tuple))
+                or _core.has_dtensor(tensors)):
+            raise ValueError("per_tensor=True takes plain tensors, a single process_group and "
+                             "no norm_filter (per-tensor norms of shards would be the shards' "
+                             "norms)")
+        if process_group is None:  # one read for both
+            total, norms = _core.tensor_norms(tensors, backend, norm_type, foreach)
+        else:
+            total = _core.prepare(tensors, backend, "read", parameters=False,
+                                  process_group=process_group).norm(norm_type, foreach)
+            norms = _core.tensor_norms(tensors, backend, norm_type, foreach)[1]
+        _core.check_nonfinite(total, mode, norm_type)
+        return total, norms
+    total = _core.prepare(tensors, backend, "read", parameters=False,
+                          process_group=process_group,
+                          norm_filter=norm_filter).norm(norm_type, foreach)
+    _core.check_nonfinite(total, mode, norm_type)
+    return total
 
 
 @torch.no_grad()
@@ -142,26 +109,23 @@ def clip_grads_with_norm_(
     Args:
         parameters (Iterable[Tensor] or Tensor): parameters whose ``.grad`` is scaled.
         max_norm (float): max norm of the gradients (>= 0).
-        total_norm (Tensor or float): the total norm to clip against.
+        total_norm (Tensor or float): the total norm to clip against: a non-negative
+            number, or a real tensor of one element. A negative norm raises ``ValueError``
+            when it is a number or a CPU tensor; on a GPU, checking it would wait for the
+            device, so a negative norm there gives a NaN coefficient (and NaN gradients)
+            rather than flipping their signs.
         foreach (bool, optional): see :func:`get_total_norm`.
         backend (str, optional): see :func:`clip_grad_norm_`.
         eps (float): added to the norm before dividing. Default: 1e-6
     """
-    parameters = _validate.tensor_list(parameters, "parameters")
-    max_norm = _validate.nonnegative(max_norm, "max_norm")
-    eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-    foreach = _validate.foreach_value(foreach)
-    grads = _sharding.local_tensors(_validate.grads_of(parameters))
-    groups = group_tensors(grads, _validate.backend_name(backend), purpose="scale")
-    if not grads:
-        return
-    if not isinstance(total_norm, torch.Tensor):
-        total_norm = torch.tensor(_validate.nonnegative(total_norm, "total_norm"))
-    elif _sharding.is_dtensor(total_norm):  # torch's get_total_norm of DTensor gradients
-        total_norm = total_norm.full_tensor()
-    total_norm = _dispatch.move(total_norm, grads[0].device)
-    coef = _dispatch.clip_coefficient(total_norm, max_norm, eps, skip_nonfinite=False)
-    _dispatch.scale_(groups, coef, foreach)
+    parameters = _core.tensor_list(parameters, "parameters")
+    max_norm = _core.nonnegative(max_norm, "max_norm")
+    eps = _core.nonnegative(eps, "eps", allow_inf=False)
+    foreach = _core.foreach_value(foreach)
+    grads = _core.prepare(parameters, _core.backend_name(backend), "scale", parameters=True)
+    total_norm = _core.norm_tensor(total_norm, grads.device)
+    if grads.groups:
+        grads.scale_(grads.coefficient(total_norm, max_norm, eps), foreach)
 
 
 @torch.no_grad()
@@ -233,12 +197,15 @@ def clip_grad_norm_(
             (:func:`tritonclip.distributed.megatron_norm_filter`). Default: None
 
     Returns:
-        Total norm of the gradients (viewed as a single vector): a float32 0-dim tensor on
-        the first gradient's device.
+        Total norm of the gradients (viewed as a single vector): a 0-dim tensor on the first
+        gradient's device, float32, or float64 when a float64 gradient takes part (whose
+        coefficient is then computed in float64 too).
 
     Deliberate differences from torch:
-        * The norm is float32 whatever the gradients' dtype (torch returns it in that dtype,
-          which for bfloat16 gradients keeps only 8 bits of it).
+        * The norm is float32 for float16/bfloat16/float32 gradients (torch returns it in
+          their dtype, which for bfloat16 gradients keeps only 8 bits of it).
+        * With ``max_norm=0`` and ``eps=0``, gradients whose norm is 0 are left as they are
+          (torch computes 0 / 0 and makes them NaN).
         * ``norm_type=0`` counts the nonzero elements of the concatenated gradients, as
           torch's docstring says; torch's code counts the gradients that have any.
         * A NaN (inf) gradient makes the norm NaN (inf) for every ``norm_type``; torch's
@@ -246,36 +213,15 @@ def clip_grad_norm_(
         * A storage region shared by several gradients (a parameter listed twice, aliased
           grads) is counted once in the norm and scaled once.
     """
-    parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
-    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+    parameters = _core.tensor_list(parameters, "parameters", warn_empty_generator=True)
+    max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
-    backend = _validate.backend_name(backend)
-    pairs = distributed.pairs_of(process_group, "parameters")
-    grads = _validate.grads_of(parameters)
-    local = _sharding.local_tensors(grads)
-    groups = group_tensors(local, backend, purpose="scale")
-    skip = mode == "skip"
-    if pairs is not None:
-        _same_members(parameters, pairs, "parameters")
-    if pairs is not None or local is not grads:  # (local is a new list: DTensors)
-        device = groups[0].device if groups else torch.device("cpu")
-        total = _sharded_norm(parameters, pairs, process_group, norm_type, foreach, backend,
-                              device, norm_filter, _validate.grads_of, "gradients")
-        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=skip)
-    elif norm_filter is not None:
-        counted = _validate.grads_of(_counted(parameters, norm_filter))
-        total, coef = _dispatch.norm_and_coefficient(
-            counted, group_tensors(counted, backend), norm_type, foreach, max_norm, eps,
-            skip_nonfinite=skip, process_group=process_group,
-            device=grads[0].device if grads else None)
-    elif not grads and process_group is None:
-        return _dispatch.total_norm(grads, groups, norm_type, foreach)
-    else:
-        total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
-                                                     max_norm, eps, skip_nonfinite=skip,
-                                                     process_group=process_group)
-    _dispatch.check_nonfinite(total, mode, norm_type)
-    _dispatch.scale_(groups, coef, foreach)
+    grads = _core.prepare(parameters, _core.backend_name(backend), "scale", parameters=True,
+                          process_group=process_group, norm_filter=norm_filter)
+    total, coef, _ = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps,
+                                                skip_nonfinite=mode == "skip")
+    _core.check_nonfinite(total, mode, norm_type)
+    grads.scale_(coef, foreach)
     return total
 
 
@@ -304,12 +250,8 @@ def clip_grad_value_(
         hi (float, optional): upper bound (``inf`` when only ``lo`` is given); ``lo <= hi``.
         backend (str, optional): see :func:`clip_grad_norm_`.
     """
-    parameters = _validate.tensor_list(parameters, "parameters")
-    low, high = _validate.value_bounds(clip_value, lo, hi)
-    foreach = _validate.foreach_value(foreach)
-    grads = _validate.grads_of(parameters)
-    local = _sharding.local_tensors(grads)
-    if local is not grads:  # DTensors
-        _sharding.check_no_partial(grads, "gradients")
-    groups = group_tensors(local, _validate.backend_name(backend), purpose="clamp")
-    _dispatch.clamp_(groups, low, high, foreach)
+    parameters = _core.tensor_list(parameters, "parameters")
+    low, high = _core.value_bounds(clip_value, lo, hi)
+    foreach = _core.foreach_value(foreach)
+    grads = _core.prepare(parameters, _core.backend_name(backend), "clamp", parameters=True)
+    grads.clamp_(low, high, foreach)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_reduce_power",
+    "all_reduce_sum",
     "check_process_group",
     "megatron_norm_filter",
     "pairs_of",
@@ -91,6 +92,15 @@ def all_reduce_power(power: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor,
     dist.all_reduce(buffer, op=op, group=group)
     buffer = buffer.to(power.device, non_blocking=power.device.type == "cuda")
     return buffer[0], buffer[1] != 0, buffer[2] != 0
+
+
+def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """``value`` summed over ``group`` (a new tensor on ``value``'s device): stream-ordered on
+    NCCL, no host synchronisation."""
+    device = reduction_device(group, value.device)
+    buffer = value.to(device, copy=True, non_blocking=device.type == "cuda")
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.to(value.device, non_blocking=value.device.type == "cuda")
 
 
 def reduction_device(process_group, fallback: torch.device) -> torch.device:

@@ -23,9 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import _error_clip_ops, _validate
-from ._error_clip_ops import Spec
-from ._groups import resolve_backend
+from . import _core
 
 __all__ = ["ClipCounter", "ErrorClip", "ErrorClipHandle", "error_clip", "register_error_clip"]
 
@@ -83,9 +81,9 @@ class _Options:
                     f"clipping), not both: clip_value={clip_value!r}, lo={lo!r}, hi={hi!r}, "
                     f"max_norm={max_norm!r}"
                 )
-            self.max_norm = _validate.nonnegative(max_norm, "max_norm")
+            self.max_norm = _core.nonnegative(max_norm, "max_norm")
             self.lo, self.hi = -math.inf, math.inf
-            self.norm_type = _validate.norm_type_value(norm_type)
+            self.norm_type = _core.norm_type_value(norm_type)
             if not self.norm_type > 0:
                 raise ValueError(
                     f"norm_type must be a positive number or inf for error clipping, got "
@@ -97,17 +95,17 @@ class _Options:
             if dim is not None:
                 raise ValueError(f"dim={dim!r} applies to norm clipping (max_norm) only")
             self.max_norm = None
-            self.lo, self.hi = _validate.value_bounds(clip_value, lo, hi)
+            self.lo, self.hi = _core.value_bounds(clip_value, lo, hi)
             self.norm_type = 2.0
         self.dim = _dim_items(dim)
-        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
-        self.backend = _validate.backend_name(backend)
+        self.eps = _core.nonnegative(eps, "eps", allow_inf=False)
+        self.backend = _core.backend_name(backend)
         if counter is not None and not isinstance(counter, ClipCounter):
             raise TypeError(f"counter must be a tritonclip.ClipCounter, got "
                             f"{type(counter).__name__}: {counter!r}")
         self.counter = counter
 
-    def spec(self, x: torch.Tensor) -> Spec:
+    def spec(self, x: torch.Tensor) -> _core.ErrorClipSpec:
         """The backward's contract for activation ``x``; raises here, in forward, on what
         ``x`` cannot take (a dim out of range, a backend that cannot run on its device)."""
         if not x.is_floating_point():
@@ -116,10 +114,10 @@ class _Options:
             raise ValueError(f"the counter is on {self.counter.device}, the activation on "
                              f"{x.device}: create the ClipCounter on the activation's device")
         dims = _normalized_dims(self.dim, x.dim())
-        backend = resolve_backend(self.backend, x.device, x.dtype, x.layout)
+        backend = _core.activation_backend(self.backend, x)
         counts = self.counter.counts if self.counter is not None else None
-        return Spec(self.lo, self.hi, self.max_norm, dims, self.norm_type, self.eps, backend,
-                    counts)
+        return _core.ErrorClipSpec(self.lo, self.hi, self.max_norm, dims, self.norm_type,
+                                   self.eps, backend, counts)
 
     def describe(self) -> str:
         if self.max_norm is None:
@@ -158,16 +156,25 @@ def _normalized_dims(dims: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]
 
 
 class _ErrorClipFunction(torch.autograd.Function):
-    """Identity forward (a view of the input, no copy); the clip of the gradient backward."""
+    """Identity forward (a view of the input, no copy); the clip of the gradient backward.
+
+    Written in the ``setup_context`` style with a generated vmap rule, so that it works under
+    ``torch.func.grad``, ``vmap`` and ``jacrev``; the gradients of those transforms have no
+    memory of their own, and are clipped with torch ops (``_core.clip_activation_grad``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: Spec) -> torch.Tensor:
-        ctx.spec = spec
+    def forward(x: torch.Tensor, spec: _core.ErrorClipSpec) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[1]
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _error_clip_ops.clip(grad, ctx.spec), None
+        return _core.clip_activation_grad(grad, ctx.spec), None
 
 
 def error_clip(
@@ -265,7 +272,7 @@ def _clip_outputs(output: Any, options: _Options, seen: set | None = None) -> An
         if output.is_floating_point() and output.requires_grad and id(output) not in seen:
             seen.add(id(output))
             spec = options.spec(output)
-            output.register_hook(lambda grad: _error_clip_ops.clip(grad, spec))
+            output.register_hook(lambda grad: _core.clip_activation_grad(grad, spec))
     elif isinstance(output, (tuple, list)):
         for item in output:
             _clip_outputs(item, options, seen)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import _dispatch, _validate
+from . import _core, _normmath
 from .clip_grad import get_total_norm
 
 __all__ = ["GradNormMonitor"]
@@ -57,8 +57,8 @@ class GradNormMonitor:
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
         self.top_k = top_k
-        self.norm_type = _validate.norm_type_value(norm_type)
-        self.eps = _validate.nonnegative(eps, "eps", allow_inf=False)
+        self.norm_type = _core.norm_type_value(norm_type)
+        self.eps = _core.nonnegative(eps, "eps", allow_inf=False)
         self.backend = backend
         self.reset()
 
@@ -119,12 +119,12 @@ class GradNormMonitor:
         total = self._norms[-1]
         if threshold is not None:
             if not isinstance(threshold, torch.Tensor):  # a fill, not a host-to-device copy
-                threshold = torch.full((), _validate.nonnegative(threshold, "threshold"),
+                threshold = torch.full((), _core.nonnegative(threshold, "threshold"),
                                        dtype=torch.float32, device=total.device)
             self._thresholds[-1] = threshold.to(total.device, torch.float32,
                                                 non_blocking=True)
         if coef is None and self._thresholds[-1] is not None:
-            coef = _dispatch.clip_coefficient(total, self._thresholds[-1], self.eps,
+            coef = _normmath.clip_coefficient(total, self._thresholds[-1], self.eps,
                                               skip_nonfinite=False)
         if coef is not None:
             self._coefs[-1] = coef.to(total.device, torch.float32, non_blocking=True)

@@ -1,30 +1,25 @@
 """Clipping folded into torch's fused optimizers: the norm is read once, and the optimizer's
 own step applies the coefficient, instead of a separate read + write of every gradient.
 
-torch's fused Adam, AdamW and SGD (``fused=True``) divide the gradients by a device tensor
-``optimizer.grad_scale`` and skip the step where ``optimizer.found_inf`` is set; GradScaler
-uses these to unscale. :func:`clip_into_` sets them so that the division also clips.
-
-:func:`attach` (defined in ``_attach``) registers clipping on an optimizer once, as a step
-pre-hook, and folds a plain global-norm clip into fused optimizers through :func:`clip_into_`.
+torch's fused Adam, AdamW, SGD and Adagrad (``fused=True``) divide the gradients by a device
+tensor ``optimizer.grad_scale`` and skip the step where ``optimizer.found_inf`` is set;
+GradScaler uses these to unscale. :func:`clip_into_` sets them so that the division also
+clips. (``tritonclip.attach`` registers clipping on an optimizer once, and folds a plain
+global-norm clip into fused optimizers through :func:`clip_into_`.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _sharding, _validate, amp
-from ._attach import ClipHandle, attach
-from ._groups import group_tensors
+from . import _core, amp
 from .clip_grad import clip_grad_norm_
 
-__all__ = ["ClipHandle", "attach", "clip_into_", "folds_into"]
+__all__ = ["clip_into_", "folds_into"]
 
 _HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
-
-
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
-_MARKER = "_tritonclip_grad_scale_set"
+MARKER = "_tritonclip_grad_scale_set"
 
 
 def folds_into(optimizer: torch.optim.Optimizer) -> bool:
@@ -68,60 +63,53 @@ def clip_into_(
     ``grad_scale`` becomes ``scale / coef``, and an inf/NaN gradient makes the scaler skip the
     step (its state is left as ``unscale_`` leaves it).
 
-    An optimizer whose step does not apply ``grad_scale`` (not ``fused=True``) gets the plain
-    recipe instead: :func:`tritonclip.clip_grad_norm_` (or, with a scaler,
+    An optimizer whose step does not apply ``grad_scale`` (not ``fused=True``), or a scaler
+    whose unscale cannot be folded (:func:`tritonclip.amp.fuses`), gets the plain recipe
+    instead: :func:`tritonclip.clip_grad_norm_` (or, with a scaler,
     :func:`tritonclip.amp.unscale_and_clip_`), so the call is always correct.
 
     Args:
-        optimizer (torch.optim.Optimizer): a fused Adam, AdamW or SGD (others fall back).
+        optimizer (torch.optim.Optimizer): a fused Adam, AdamW, SGD or Adagrad (others fall
+            back).
         max_norm, norm_type, error_if_nonfinite, foreach, backend, eps, nonfinite: as in
             :func:`tritonclip.clip_grad_norm_`.
         scaler (torch.amp.GradScaler, optional): the scaler of the gradients, if any.
 
     Returns:
-        The total norm of the (unscaled) gradients: float32, 0-dim, on the first gradient's
-        device.
+        The total norm of the (unscaled) gradients: 0-dim, on the first gradient's device
+        (float32; float64 when a float64 gradient takes part).
     """
-    mode = _validate.nonfinite_mode(nonfinite, error_if_nonfinite)
-    extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
+    mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     scaling = scaler is not None and scaler.is_enabled()
     _clear_stale(optimizer)
-    if not folds_into(optimizer) or (scaling and not _scaler_keeps_grad_scale()):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not folds_into(optimizer) or (scaling and not (_scaler_keeps_grad_scale()
+                                                      and amp.fuses(scaler))):
+        extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
         if scaling:
             return amp.unscale_and_clip_(scaler, optimizer, max_norm, norm_type, **extras)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         return clip_grad_norm_(params, max_norm, norm_type, **extras)
 
-    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+    max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, mode, False, foreach)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    backend = _validate.backend_name(backend)
-    grads = _validate.grads_of(params)
-    local = _sharding.local_tensors(grads)
-    groups = group_tensors(local, backend, purpose="scale")
-    if not grads:
-        return _dispatch.total_norm(grads, groups, norm_type, foreach)
-    device = local[0].device
+    grads = _core.prepare(params, _core.backend_name(backend), "read", parameters=True)
+    if not grads.groups:
+        return grads.norm(norm_type, foreach)
+    skip = mode == "skip"
     if scaling:
         state, scale = amp.begin_unscale(scaler, optimizer)
-        scaled = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
-        total = scaled * _dispatch.move(amp.inverse_scale(scale), device)
-        _dispatch.check_nonfinite(total, mode, norm_type)
-        coef = _dispatch.clip_coefficient(total, max_norm, eps, skip_nonfinite=mode == "skip")
+        inv_scale = _core.move(amp.inverse_scale(scale), grads.device)
+        total, _, found_inf = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps,
+                                                         skip, inv_scale)
+        _core.check_nonfinite(total, mode, norm_type)
+        coef = grads.coefficient(total, max_norm, eps, skip)
         # scaler.step hands grad_scale to the fused step, then deletes it
-        optimizer.grad_scale = _dispatch.move(scale, device).float() / coef
-        amp.end_unscale(state, amp.nonfinite_flag(scaled), grads)
+        optimizer.grad_scale = (_core.move(scale, grads.device).float() / coef).float()
+        amp.end_unscale(scaler, state, found_inf, _core.grads_of(params))
     else:
-        if local is not grads:  # DTensors
-            total = _dispatch.any_norm(grads, groups, norm_type, foreach, backend)
-            coef = _dispatch.clip_coefficient(total, max_norm, eps,
-                                              skip_nonfinite=mode == "skip")
-        else:  # one group: the norm kernel gives norm and coefficient (as clip_grad_norm_)
-            total, coef = _dispatch.norm_and_coefficient(grads, groups, norm_type, foreach,
-                                                         max_norm, eps,
-                                                         skip_nonfinite=mode == "skip")
-        _dispatch.check_nonfinite(total, mode, norm_type)
-        optimizer.grad_scale = coef.reciprocal()
+        total, coef, _ = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps, skip)
+        _core.check_nonfinite(total, mode, norm_type)
+        optimizer.grad_scale = coef.float().reciprocal()
         _remove_after_step(optimizer)
     return total
 
@@ -133,14 +121,14 @@ def _remove_after_step(optimizer: torch.optim.Optimizer) -> None:
     would mutate torch's hook dict while it is iterated); a step that raises leaves the mark,
     and the next :func:`clip_into_` clears the stale ``grad_scale`` first.
     """
-    setattr(optimizer, _MARKER, True)
+    setattr(optimizer, MARKER, True)
     if getattr(optimizer, _HOOK_ATTRIBUTE, None) is None:
         setattr(optimizer, _HOOK_ATTRIBUTE, optimizer.register_step_post_hook(
             lambda opt, args, kwargs: _clear_stale(opt)))
 
 
 def _clear_stale(optimizer: torch.optim.Optimizer) -> None:
-    if getattr(optimizer, _MARKER, False):
+    if getattr(optimizer, MARKER, False):
         if hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale
-        setattr(optimizer, _MARKER, False)
+        setattr(optimizer, MARKER, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _rows, _validate
+from . import _core, _normmath
 from .clip_grad import TensorOrTensors
 
 __all__ = ["clip_grad_norm_per_tensor_"]
@@ -51,40 +51,24 @@ def clip_grad_norm_per_tensor_(
             ``"propagate"``
 
     Returns:
-        The norm of each gradient before clipping: a 1-D float32 tensor with one entry per
-        parameter that has a gradient (in order), on the first gradient's device.
+        The norm of each gradient before clipping: a 1-D tensor with one entry per parameter
+        that has a gradient (in order), on the first gradient's device; float32, float64 when
+        a float64 gradient takes part.
 
     Gradients that share memory (other than the same tensor listed twice) raise
     ``ValueError``: each must be scaled by its own coefficient.
     """
-    parameters = _validate.tensor_list(parameters, "parameters", warn_empty_generator=True)
-    norm_type = positive_norm_type(norm_type)
-    max_norm, norm_type, eps, mode, foreach = _validate.norm_clip_args(
+    parameters = _core.tensor_list(parameters, "parameters", warn_empty_generator=True)
+    norm_type = _core.positive_norm_type(norm_type)
+    max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
-    grads = _validate.grads_of(parameters)
-    layout = _rows.layout(grads, None, False, _validate.backend_name(backend))
+    grads = _core.grads_of(parameters)
+    rows = _core.prepare_rows(grads, None, False, _core.backend_name(backend), "scale")
     device = grads[0].device if grads else torch.device("cpu")
-    norms, coefs = [], []
-    for group in layout.groups:
-        group_norms = _rows.row_norms(group, grads, norm_type, False, foreach)
-        coef = torch.clamp(max_norm / (group_norms + eps), max=1.0)
-        if mode == "skip":
-            coef = torch.where(torch.isfinite(group_norms), coef, torch.ones_like(coef))
-        norms.append(group_norms)
-        coefs.append(coef)
-    result = _rows.gather_items(layout, norms, len(grads), device)
-    if mode == "error" and grads:
-        _dispatch.check_nonfinite(result.max(), mode, norm_type)  # max keeps NaN and inf
-    for group, coef in zip(layout.groups, coefs):
-        _rows.scale_rows_(group, grads, coef)
+    norms = [rows.norms(group, norm_type, foreach)[0] for group in rows.groups]
+    coefs = [_normmath.clip_coefficient(n, max_norm, eps, mode == "skip") for n in norms]
+    result = rows.gather(norms, device)
+    _core.check_nonfinite(result, mode, norm_type)
+    rows.scale_(coefs)
     return result
 
-
-def positive_norm_type(norm_type) -> float:
-    """A norm order > 0 (``inf`` allowed): per-tensor and unit-wise thresholds compare a
-    magnitude, which orders 0 (a count) and -inf (a minimum) are not."""
-    value = _validate.norm_type_value(norm_type)
-    if not value > 0:
-        raise ValueError(f"norm_type must be > 0 for a per-tensor or unit-wise clip, got "
-                         f"{norm_type!r}")
-    return value

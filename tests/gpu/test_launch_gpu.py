@@ -1,6 +1,7 @@
-"""Direct launches of compiled kernels (kernels/launch.py) on a GPU: the same results as
-Triton's own launch path, bit for bit, and no JITFunction.run once a variant is warm."""
+"""Relaunches of compiled kernels by their plans (kernels/launch.py) on a GPU: the same results
+as Triton's own launch path, bit for bit, and no JITFunction.run once a plan is warm."""
 
+import contextlib
 import math
 
 import pytest
@@ -10,24 +11,21 @@ import tritonclip
 from helpers import DTYPE_IDS, DTYPES, params_with, random_grads
 from tritonclip.amp import unscale_and_clip_grads_
 from tritonclip.error_clip import error_clip
-from tritonclip.kernels import LAUNCHERS as _LAUNCHERS, launch
+from triton.runtime.jit import JITFunction
 
 pytestmark = pytest.mark.gpu
 
+
 @pytest.fixture
 def triton_runs(monkeypatch):
-    """Counts launches that go through JITFunction.run; restores the direct path after."""
-    if not launch.COMPATIBLE:
-        pytest.skip("this triton release keeps Triton's launch path")
+    """Counts launches that go through JITFunction.run."""
     count = [0]
-    for launcher in _LAUNCHERS:
-        original = launcher.kernel.run
+    original = JITFunction.run
 
-        def counting(*args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(launcher.kernel, "run", counting, raising=False)
-        monkeypatch.setattr(launcher, "_direct", launcher._direct)
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(JITFunction, "run", counting)
     return count
 
 
@@ -69,16 +67,18 @@ def test_direct_launches_equal_triton_launches(triton_runs, dtype):
         grads = [g.clone() for g in source]
         results = {}
         for direct in (False, True):
-            for launcher in _LAUNCHERS:
-                launcher._direct = direct
-            for call in range(3):  # the first direct call of a variant compiles through Triton
-                for g, s in zip(grads, source):
-                    g.copy_(s)
-                triton_runs[0] = 0
-                out = op(grads)
-                torch.cuda.synchronize()
-            if direct:
-                assert triton_runs[0] == 0, name  # the third call launched only directly
+            tritonclip._core.clear_cache()  # plans made under through_triton keep nothing
+            with contextlib.ExitStack() as stack:
+                if not direct:
+                    stack.enter_context(tritonclip.kernels.launch.through_triton())
+                for call in range(3):  # a plan's first launch of a variant goes through Triton
+                    for g, s in zip(grads, source):
+                        g.copy_(s)
+                    triton_runs[0] = 0
+                    out = op(grads)
+                    torch.cuda.synchronize()
+            if direct and name != "error_clips":  # error clipping has no plan: Triton's path
+                assert triton_runs[0] == 0, name  # the third call only relaunched
             results[direct] = (out, [g.clone() for g in grads])
         (out_t, grads_t), (out_d, grads_d) = results[False], results[True]
         flat = lambda value: [v for v in (value if isinstance(value, (tuple, list)) else [value])

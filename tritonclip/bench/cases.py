@@ -337,13 +337,13 @@ def _timm_agc(params, clip_factor, eps=1e-3):
 def _error_clip_callable(impl, grads):
     """The backward clip of ``error_clip(x, max_norm=ERROR_CLIP_MAX_NORM, dim=-1)`` for each
     tensor of ``grads`` (out of place), or the tensor-hook recipe it replaces."""
-    from tritonclip import _error_clip_ops
+    from tritonclip import _core
     from tritonclip.error_clip import _Options
 
     if impl == "tritonclip":
         options = _Options(None, None, None, ERROR_CLIP_MAX_NORM, -1, 2.0, 1e-6, None, None)
         specs = [(g, options.spec(g)) for g in grads]
-        return lambda: [_error_clip_ops.clip(g, spec) for g, spec in specs]
+        return lambda: [_core.clip_activation_grad(g, spec) for g, spec in specs]
     if impl == "torch-loop":
         return lambda: [hook_recipe(g, ERROR_CLIP_MAX_NORM) for g in grads]
     raise KeyError("error_clip")

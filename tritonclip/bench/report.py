@@ -30,7 +30,6 @@ def format_table(result: dict) -> str:
     lines = [
         f"device: {m['device']} | torch {m['torch']} | triton {m['triton']} | CUDA {m['cuda']} | "
         f"commit {m['commit'][:12]} | copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s"
-        f"{' | direct launch' if m.get('direct_launch') else ''}",
     ]
     impls = []
     for r in result["results"]:

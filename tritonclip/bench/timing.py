@@ -110,7 +110,6 @@ def machine_stamp(device: torch.device) -> dict:
     import triton
 
     import tritonclip
-    from tritonclip.kernels import launch
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -125,8 +124,6 @@ def machine_stamp(device: torch.device) -> dict:
         "triton": triton.__version__,
         "tritonclip": tritonclip.__version__,
         "commit": _git_commit(),
-        # whether compiled kernels are launched without JITFunction.run (kernels/launch.py)
-        "direct_launch": launch.direct_launch_enabled(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

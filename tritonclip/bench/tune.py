@@ -54,7 +54,7 @@ def sweep(device: torch.device, dtype_names, sizes, candidates=CANDIDATES, reps:
         dtype = DTYPES[name]
         for nbytes in sizes:
             grad = torch.randn(nbytes // dtype.itemsize, device=device).to(dtype)
-            plan = kernels.plan_cache.get([(grad.data_ptr(), grad.numel())], device, dtype)
+            plan = kernels.build_plan([(grad.data_ptr(), grad.numel())], device, dtype)
             for block_bytes, warps in candidates:
                 with config.stream_tuning(block_bytes, warps):
                     for op, fn in _passes(plan).items():
