@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, from_bits, store_cast
+from . import config
 from .config import float64_bits, on_device, soft_bf16_rounding, stream_meta
 from .launch import launch
 from .plan import LaunchPlan
@@ -65,4 +66,5 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
         return
     with on_device(plan.device):
         launch(_clamp_kernel, (streams.n_programs,), (*streams.args, float64_bits(lo), float64_bits(hi)),
-               clamp_meta(plan.dtype, streams.first_aligned), plan.kept)
+               lambda: clamp_meta(plan.dtype, streams.first_aligned), plan.kept,
+               (_clamp_kernel, config.generation))

@@ -29,6 +29,10 @@ TL_DTYPES = {
 _NUM_WARPS = 4
 _BYTES_PER_ITERATION = _NUM_WARPS * 32 * 4 * 16  # 8 KiB
 
+# Counts the changes of the two constants above (stream_tuning): part of the keys under which
+# plans keep compiled kernels (kernels.launch), so that a change reaches every launch.
+generation = 0
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype of the kernels: float64 for float64 gradients, float32 otherwise."""
@@ -45,7 +49,7 @@ def stream_tuning(bytes_per_iteration: int, num_warps: int):
     """Launch the streaming kernels with ``bytes_per_iteration`` (BLOCK times the element
     size) and ``num_warps`` inside the block; for the tuning sweep (tritonclip.bench.tune).
     Each thread must get at least one 16-byte vector per iteration."""
-    global _BYTES_PER_ITERATION, _NUM_WARPS
+    global _BYTES_PER_ITERATION, _NUM_WARPS, generation
     if num_warps < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"num_warps must be a power of two, got {num_warps}")
     if bytes_per_iteration < num_warps * 32 * VECTOR_BYTES or \
@@ -56,11 +60,13 @@ def stream_tuning(bytes_per_iteration: int, num_warps: int):
     saved = _BYTES_PER_ITERATION, _NUM_WARPS
     _BYTES_PER_ITERATION, _NUM_WARPS = bytes_per_iteration, num_warps
     stream_meta.cache_clear()
+    generation += 1
     try:
         yield
     finally:
         _BYTES_PER_ITERATION, _NUM_WARPS = saved
         stream_meta.cache_clear()
+        generation += 1
 
 
 # Not state: a pure function of the dtype and the two module constants above (whose only

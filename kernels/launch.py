@@ -9,8 +9,8 @@ dict, ``kept``, in which that compiled kernel is kept; its later launches call i
 from ``triton.compile``), without ``JITFunction.run``'s per-call binding and cache-key string.
 
 That is only right if Triton would pick the same compiled kernel for the later arguments. The
-kernels launched this way are written so that, besides the constexprs and the dtypes of the
-tensors (both in the key below), nothing else can change the specialization:
+caller's key fixes the constexprs and the dtypes of the tensors; the kernels launched this way
+are written so that nothing else can change the specialization:
 
 - integer and float scalars are annotated (``n: tl.int64``, ``p: tl.float64``) and listed in
   ``do_not_specialize``: their type is fixed and their value never specializes;
@@ -21,7 +21,7 @@ tensors (both in the key below), nothing else can change the specialization:
 ``tests/test_launch.py`` checks that rule for each such kernel, and, with compiled kernels
 launched into a null driver, that a relaunch runs the very kernel Triton's path would.
 
-Under ``TRITON_INTERPRET=1`` nothing is compiled (``kernel[grid]`` returns None) and every
+The grids are one-dimensional. Under ``TRITON_INTERPRET=1`` nothing is compiled (``kernel[grid]`` returns None) and every
 launch goes through Triton's interpreter, one at a time: the interpreter patches
 ``triton.language`` while it runs a kernel, and two threads interpreting at once fail.
 """
@@ -31,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-
-import torch
 
 from .config import interpreted
 
@@ -59,24 +57,29 @@ def through_triton():
         _relaunch = saved
 
 
-def launch(kernel, grid: tuple, args: tuple, meta: dict, kept: dict | None = None) -> None:
-    """``kernel[grid](*args, **meta)``; with ``kept``, later launches with the same constexprs
-    and tensor dtypes reuse the compiled kernel kept there (see the module docstring).
+def launch(kernel, grid: tuple, args: tuple, meta, kept: dict | None = None,
+           key=None) -> None:
+    """``kernel[grid](*args, **meta)``; with ``kept`` and ``key``, later launches with the same
+    key reuse the compiled kernel kept there (see the module docstring).
 
-    ``meta`` holds the constexprs not given in ``args`` and launch options (``num_warps``).
+    ``meta`` holds the constexprs not given in ``args`` and launch options (``num_warps``),
+    or is a function that returns them (called only when they are needed). ``key`` must
+    determine ``meta`` and the dtypes of the tensors in ``args`` (the caller's launch
+    configuration, with ``config.generation`` where it reads ``config.stream_meta``).
     """
-    for observer in observers:
-        observer(kernel, meta)
+    if observers:
+        meta = meta() if callable(meta) else meta
+        for observer in observers:
+            observer(kernel, meta)
     if not _relaunch:
         kept = None
     if kept is not None:
-        key = (kernel, tuple(meta.items()),
-               tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
         entry = kept.get(key)
         if entry is not None:
             compiled, constexprs = entry
-            compiled[(tuple(grid) + (1, 1))[:3]](*args, *constexprs)  # it takes x, y and z
+            compiled[(grid[0], 1, 1)](*args, *constexprs)  # it takes x, y and z
             return
+    meta = meta() if callable(meta) else meta
     if interpreted():
         with _INTERPRETER_LOCK:
             kernel[grid](*args, **meta)

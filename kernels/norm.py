@@ -32,6 +32,7 @@ from ._helpers import (
     exact_root,
     from_bits,
 )
+from . import config
 from .config import finalize_config, float64_bits, on_device, stream_meta
 from .launch import launch
 from .plan import LaunchPlan
@@ -263,13 +264,21 @@ def finalize_meta(norm_type: float) -> dict:
 
 
 def _launch_norm(plan: LaunchPlan, norm_type: float, partials, counter, out, norm, coef,
-                 inv_scale, found, max_norm: float, eps: float, meta: dict) -> None:
+                 inv_scale, found, max_norm: float, eps: float, fused: bool,
+                 epilogue: bool = False, skip_nonfinite: bool = False,
+                 unscale: bool = False) -> None:
     streams = plan.streams
-    p = norm_type if meta["NORM"] == NORM_SUM_POW.value else 1.0
+    mode = norm_mode(norm_type)
+    p = norm_type if mode == NORM_SUM_POW.value else 1.0
+    # What the launch's constexprs and tensor dtypes follow from, the plan's dtype and
+    # alignment aside (see launch.launch).
+    key = (_norm_kernel, mode, fused, epilogue, skip_nonfinite, unscale, config.generation)
     with on_device(plan.device):
         launch(_norm_kernel, (streams.n_programs,),
                (*streams.args, partials, counter, out, norm, coef, inv_scale, found,
-                float64_bits(p), float64_bits(max_norm), float64_bits(eps)), meta, plan.kept)
+                float64_bits(p), float64_bits(max_norm), float64_bits(eps)),
+               lambda: norm_meta(plan.dtype, streams.first_aligned, norm_type, fused, epilogue,
+                                 skip_nonfinite, unscale), plan.kept, key)
 
 
 def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
@@ -282,8 +291,7 @@ def norm_partials(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
     if plan.streams.n_programs:
         counter = plan.workspace(partials.dtype)[2]  # unused without FUSED
         _launch_norm(plan, norm_type, partials, counter, partials, partials, partials,
-                     partials, partials, 0.0, 0.0,
-                     norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=False))
+                     partials, partials, 0.0, 0.0, fused=False)
     return partials
 
 
@@ -297,7 +305,8 @@ def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torc
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
     with on_device(plan.device):
         launch(_finalize_kernel, (plan.n_segments,), (partials, plan.segments, out),
-               finalize_meta(norm_type), plan.kept)
+               lambda: finalize_meta(norm_type), plan.kept,
+               (_finalize_kernel, norm_mode(norm_type), partials.dtype))
     return out
 
 
@@ -310,7 +319,7 @@ def group_power(plan: LaunchPlan, norm_type: float) -> torch.Tensor:
         return out.fill_(math.inf if norm_type == -math.inf else 0.0)
     partials, _, counter = plan.workspace(acc)
     _launch_norm(plan, norm_type, partials, counter, out, out, out, out, out, 0.0, 0.0,
-                 norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=True))
+                 fused=True)
     return out
 
 
@@ -332,6 +341,8 @@ def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
     """
     if not fuses_coefficient(norm_type):
         raise ValueError(f"norm_clip takes norm_type 0, 1, 2, inf or -inf, not {norm_type}")
+    if inv_scale is not None and inv_scale.dtype != torch.float32:
+        raise ValueError(f"inv_scale must be float32, got {inv_scale.dtype}")
     device, dtype = plan.device, result_dtype(plan.dtype)
     norm = torch.empty((), dtype=dtype, device=device)
     coef = torch.empty((), dtype=dtype, device=device)
@@ -345,10 +356,8 @@ def norm_clip(plan: LaunchPlan, norm_type: float, max_norm: float, eps: float,
     partials, out, counter = plan.workspace(acc)
     _launch_norm(plan, norm_type, partials, counter, out, norm, coef,
                  coef if inv_scale is None else inv_scale, coef if found is None else found,
-                 max_norm, eps,
-                 norm_meta(plan.dtype, plan.streams.first_aligned, norm_type, fused=True,
-                           epilogue=True, skip_nonfinite=skip_nonfinite,
-                           unscale=inv_scale is not None))
+                 max_norm, eps, fused=True, epilogue=True, skip_nonfinite=skip_nonfinite,
+                 unscale=inv_scale is not None)
     return norm, coef, found
 
 

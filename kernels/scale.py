@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import chunk_bounds, store_cast
+from . import config
 from .config import on_device, soft_bf16_rounding, stream_meta
 from .launch import launch
 from .plan import LaunchPlan
@@ -94,8 +95,10 @@ def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
         # no per-call tensor takes a specialized place)
         launch(_scale_kernel, (streams.n_programs,),
                (*streams.args, coef, plan.table if order is None else order),
-               scale_meta(plan.dtype, streams.first_aligned, skip_at_least_one,
-                          order is not None), plan.kept)
+               lambda: scale_meta(plan.dtype, streams.first_aligned, skip_at_least_one,
+                                  order is not None), plan.kept,
+               (_scale_kernel, skip_at_least_one, order is None, coef.dtype,
+                config.generation))
 
 
 def scale_(plan: LaunchPlan, coef: torch.Tensor, skip_at_least_one: bool = True) -> None:

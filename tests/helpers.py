@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -115,3 +116,22 @@ class PlanBuilds:
                 return _original(*args, **kwargs)
 
             monkeypatch.setattr(kernels, name, counted)
+
+
+def run_in_threads(work, n: int = 4) -> list[str]:
+    """``work(i)`` for i in range(n), each in its own thread, all at once; the exceptions they
+    raised, as strings (an exception in a thread would otherwise only be printed)."""
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

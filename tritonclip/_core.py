@@ -110,6 +110,8 @@ def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def real(value, name: str) -> float:
     """``value`` as a float: a real number, or a real one-element tensor."""
+    if type(value) is float:  # the usual case, first
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

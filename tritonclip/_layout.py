@@ -127,14 +127,16 @@ def spans(tensors: list[torch.Tensor], requested: str) -> SpanLayout:
             dense, loose = _merge(members, positions, dtype.itemsize, problems)
         else:
             dense, loose = [], _unique(members, positions)
+        made = []
         if dense:
-            groups.append(GroupLayout(device, dtype, backend, reason, dense, []))
+            made.append(GroupLayout(device, dtype, backend, reason, dense, []))
         if loose:  # not one dense block: torch ops in every backend
-            groups.append(GroupLayout(device, dtype, TORCH, "not one dense block of memory",
-                                      [], loose))
-        for group in groups[-2:]:
-            if group.backend is TORCH and group.device.type == "cuda":
+            made.append(GroupLayout(device, dtype, TORCH, "not one dense block of memory",
+                                    [], loose))
+        for group in made:
+            if group.backend is TORCH and device.type == "cuda":
                 _log.debug("%s gradients on %s: torch ops (%s)", dtype, device, group.reason)
+        groups += made
     float64 = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
     return SpanLayout(groups, problems, float64)
 
