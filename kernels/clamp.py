@@ -64,6 +64,7 @@ def clamp_(plan: LaunchPlan, lo: float, hi: float) -> None:
     streams = plan.streams
     if streams.n_programs == 0:
         return
+    plan.used_on_current_stream()
     with on_device(plan.device):
         launch(_clamp_kernel, (streams.n_programs,), (*streams.args, float64_bits(lo), float64_bits(hi)),
                lambda: clamp_meta(plan.dtype, streams.first_aligned), plan.kept,

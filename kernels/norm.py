@@ -2,9 +2,9 @@
 
 The norm kernel reads every span of a plan once and writes one partial per chunk: sum of g^2,
 sum of |g|, sum of |g|^p, max |g|, min |g| or the count of nonzeros. Either the last of its
-programs reduces the partials to the group's value (``group_power``; with ``norm_clip`` also the
-float32 norm and the clip coefficient), all in one launch, or ``finalize`` reduces them per
-span in a second launch. Partials are always reduced in index order, and no atomic touches a
+programs reduces the partials to the group's value (``group_power``; with ``norm_clip`` also
+the norm, float32 or float64 for float64 gradients, and the clip coefficient), all in one
+launch, or ``finalize`` reduces them per span (row) in a second launch. Partials are always reduced in index order, and no atomic touches a
 value, so two runs on the same input agree bit for bit.
 
 Accumulation is float32 for float16/bfloat16/float32 gradients and float64 for float64;
@@ -303,6 +303,7 @@ def finalize(plan: LaunchPlan, partials: torch.Tensor, norm_type: float) -> torc
     min or count); roots are taken by the caller.
     """
     out = torch.empty(plan.n_segments, dtype=partials.dtype, device=plan.device)
+    plan.used_on_current_stream()
     with on_device(plan.device):
         launch(_finalize_kernel, (plan.n_segments,), (partials, plan.segments, out),
                lambda: finalize_meta(norm_type), plan.kept,

@@ -21,10 +21,11 @@ indexed by program id, so a reduction stays one buffer.
 
 A plan keeps what its launches need besides the tables, per CUDA stream (:meth:`LaunchPlan.
 workspace`): the fused norm's arrival counter and its partials. Launches on one stream run one
-after the other, so each finds the buffers free; launches on two streams never share them. The
-first launch on a stream other than the one that made the tables records that stream on them
-(``Tensor.record_stream``), so that freeing the plan while a kernel still reads its tables on
-that stream cannot hand their memory to another allocation. Plans are not cached here: the
+after the other, so each finds the buffers free; launches on two streams never share them.
+Every launch over a plan first calls :meth:`LaunchPlan.used_on_current_stream`: the first
+one on a stream records that stream on the tables (``Tensor.record_stream``), so that freeing the
+plan while a kernel still reads its tables there cannot hand their memory to another
+allocation. Plans are not cached here: the
 caller keeps them (tritonclip's one cache holds them with the layout they were built for).
 """
 
@@ -91,6 +92,7 @@ class LaunchPlan:
     # compiled kernels of this plan's launches (see launch.launch)
     kept: dict = dataclasses.field(default_factory=dict, repr=False)
     _workspaces: dict = dataclasses.field(default_factory=dict, repr=False)
+    _streams: set = dataclasses.field(default_factory=set, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @functools.cached_property
@@ -106,12 +108,23 @@ class LaunchPlan:
         return Streams(True, (first.table, first.n_spans, first.n_chunks,
                               second.table, second.n_spans, second.n_chunks))
 
+    def used_on_current_stream(self):
+        """Note the stream the next launch runs on (returned): the first launch on a CUDA
+        stream records it on the plan's tables (see the module docstring)."""
+        stream = _current_stream(self.device)
+        if stream not in self._streams:
+            with self._lock:
+                if self.device.type == "cuda" and stream not in self._streams:
+                    self.table.record_stream(torch.cuda.current_stream(self.device))
+                self._streams.add(stream)
+        return stream
+
     def workspace(self, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                           torch.Tensor]:
         """(partials, out, counter) of a fused norm launch on the current stream: ``n_partials``
         values and one more in ``acc_dtype``, 16-byte aligned, and the int64 arrival counter
         (it only grows; see ``norm._norm_kernel``). Made once per stream and dtype."""
-        stream = _current_stream(self.device)
+        stream = self.used_on_current_stream()
         key = (stream, acc_dtype)
         buffers = self._workspaces.get(key)
         if buffers is None:
@@ -125,8 +138,6 @@ class LaunchPlan:
         counter = next((b[2] for k, b in self._workspaces.items() if k[0] == stream), None)
         if counter is None:
             counter = torch.zeros(1, dtype=torch.int64, device=self.device)
-            if self.device.type == "cuda":
-                self.table.record_stream(torch.cuda.current_stream(self.device))
         pad = VECTOR_BYTES // acc_dtype.itemsize
         buffer = torch.empty(pad + self.n_partials, dtype=acc_dtype, device=self.device)
         return buffer[pad:], buffer[:1], counter

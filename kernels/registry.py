@@ -102,6 +102,10 @@ def variants(soft_bf16: bool = False):
                                   dict(_streams(), coef_ptr=coef, order_ptr="i64"),
                                   _soft(scale.scale_meta(dtype, aligned, skip, per_span),
                                         soft_bf16))
+            if dtype == torch.float32 and aligned:  # a list with float64 gradients elsewhere
+                yield Variant(f"scale-{tag}-coef64", scale._scale_kernel,
+                              dict(_streams(), coef_ptr="fp64", order_ptr="i64"),
+                              _soft(scale.scale_meta(dtype, aligned, True, False), soft_bf16))
             yield Variant(f"clamp-{tag}", clamp._clamp_kernel, _streams(),
                           _soft(clamp.clamp_meta(dtype, aligned), soft_bf16))
     for norm_name, norm_type in NORMS.items():

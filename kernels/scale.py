@@ -90,6 +90,7 @@ def _launch(plan: LaunchPlan, coef: torch.Tensor, order: torch.Tensor | None,
     streams = plan.streams
     if streams.n_programs == 0:
         return
+    plan.used_on_current_stream()
     with on_device(plan.device):
         # (without PER_SPAN the order pointer is unused: the plan's table stands in, so that
         # no per-call tensor takes a specialized place)

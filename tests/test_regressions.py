@@ -12,7 +12,7 @@ import torch
 import spawn
 import tritonclip
 from helpers import params_with, random_grads, run_in_threads
-from tritonclip import _core, amp
+from tritonclip import _core, amp, reference_adaptive
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter, id="triton"),
             pytest.param("torch", id="torch")]
@@ -291,3 +291,80 @@ def test_error_clip_under_torch_func(backend):
     jacobian = torch.func.jacrev(lambda x: tritonclip.error_clip(x, clip_value=0.5,
                                                                  backend=backend))(x)
     torch.testing.assert_close(jacobian, 0.5 * torch.eye(4))
+
+
+# -- found by review of the change ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_layouts_follow_the_shapes_of_reused_memory(backend):
+    memory = torch.randn(32)
+    weight = torch.nn.Parameter(torch.randn(32))
+    for shape in [(4, 8), (8, 4), (2, 16)]:  # the same addresses and sizes, other rows
+        w = torch.nn.Parameter(weight.detach().view(shape))
+        w.grad = memory.view(shape)
+        expected = reference_adaptive.agc([w], [w.grad.clone()], 0.01)
+        tritonclip.clip_grad_agc_([w], 0.01, backend=backend)
+        torch.testing.assert_close(w.grad.double(), expected[0], rtol=1e-5, atol=1e-7)
+        memory.copy_(torch.randn(32))
+    g = torch.randn(12)
+    tritonclip.get_total_norm([g, g.view(3, 4)], per_tensor=True, backend=backend)
+    p = torch.nn.Parameter(torch.zeros(12))
+    p.grad = g
+    tritonclip.clip_grad_norm_per_tensor_([p, p], 1.0, backend=backend)  # listed twice: fine
+
+
+def _empty_rank_amp_worker(rank, world):
+    import torch.distributed as dist
+
+    grads = random_grads([50], torch.float32, seed=0) if rank == 0 else []
+    total, found = tritonclip.amp.unscale_and_clip_grads_(
+        [g * 8.0 for g in grads], torch.tensor(0.125), 1e9, process_group=dist.group.WORLD)
+    expected = torch.linalg.vector_norm(random_grads([50], torch.float32, seed=0)[0].double())
+    assert abs(float(total) / float(expected) - 1) < 1e-6 and float(found) == 0.0
+
+
+def test_a_rank_without_gradients_takes_part_in_the_amp_all_reduce():
+    spawn.run(_empty_rank_amp_worker, 2)
+
+
+def _sharded_fp16_worker(rank, world):
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    model = torch.nn.Linear(8, 4).half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = ShardedGradScaler(device="cpu", init_scale=2.0**4)
+    scaler.scale(model(torch.randn(3, 8).half()).float().sum()).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() / 16
+                                                   for p in model.parameters()]))
+    total = tritonclip.amp.unscale_and_clip_(scaler, optimizer, 1e9)
+    assert abs(float(total) / float(expected) - 1) < 1e-3
+
+
+def test_sharded_grad_scaler_takes_float16_gradients():
+    spawn.run(_sharded_fp16_worker, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_total_norm_gives_a_float32_coefficient(backend):
+    g = torch.full((4,), 1.5)  # norm 3
+    tritonclip.clip_grads_with_norm_(params_with([g]), 1.0, torch.tensor(3.0).bfloat16(),
+                                     backend=backend)
+    expected = torch.full((4,), 1.5) * torch.clamp(1.0 / (torch.tensor(3.0) + 1e-6), max=1.0)
+    assert torch.equal(g, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_norm_dtype_does_not_depend_on_the_backend(backend):
+    grads = [torch.randn(10), torch.randn(10, dtype=torch.float64)]
+    params = params_with(grads)
+    total = tritonclip.clip_grad_norm_(params, 1e9, backend=backend,
+                                       norm_filter=lambda p: p.dtype == torch.float32)
+    assert total.dtype == torch.float64  # a float64 gradient is in the list
+
+
+def test_complex128_gradients_are_scaled_by_a_float64_coefficient():
+    g = torch.randn(10, dtype=torch.complex128)
+    expected = g.clone()
+    torch.nn.utils.clip_grad_norm_(params_with([expected]), 0.1)
+    tritonclip.clip_grad_norm_(params_with([g]), 0.1)
+    torch.testing.assert_close(g, expected, rtol=1e-15, atol=0)

@@ -1,11 +1,12 @@
 """tritonclip: Triton multi-tensor gradient clipping for PyTorch.
 
 A drop-in for ``torch.nn.utils.clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm`` and
-``clip_grads_with_norm_``: same arguments and meaning, a float32 norm, fewer passes over memory.
+``clip_grads_with_norm_``: same arguments and meaning, a float32 norm (float64 for float64
+gradients), fewer passes over memory.
 ``error_clip`` clips the gradient flowing back through chosen activations (RNN steps).
 Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
-a fused optimizer step; ``attach`` clipping to an optimizer), ``adaptive`` (AGC, AutoClip,
-ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history),
+a fused optimizer step), ``attach`` (clipping attached to an optimizer), ``adaptive`` (AGC,
+AutoClip, ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history),
 ``distributed`` (norms over process groups), ``reference`` and ``reference_adaptive`` (float64
 formulas), ``bench`` (the benchmark CLI).
 """

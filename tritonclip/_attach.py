@@ -173,7 +173,8 @@ class ClipHandle:
 
     Attributes:
         last_norm (Tensor or None): total norm of the gradients before clipping at the last
-            step (float32, 0-dim, on the first gradient's device).
+            step (0-dim, on the first gradient's device; float32, float64 for float64
+            gradients).
         last_skipped (Tensor or None): whether the last step was skipped (bool, 0-dim, on
             the device), when ``skip_nonfinite`` or ``skip_above`` is set.
         steps (int): steps seen.

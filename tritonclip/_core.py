@@ -18,11 +18,11 @@ operations run group by group on each group's backend.
 copies nothing to the device. Its keys:
 
 - ``("spans", requested backend, signature)`` -> ``_layout.SpanLayout``. The signature holds
-  what a layout depends on: every tensor's address, size, storage offset, dtype, device and
-  contiguity, and the shape and strides of the non-contiguous ones (a list with a sparse
+  what a span layout depends on: every tensor's address, size, storage offset, dtype, device
+  and contiguity, and the shape and strides of the non-contiguous ones (a list with a sparse
   tensor has none and is never cached);
-- ``("rows", requested backend, unitwise, signature of gradients and parameters)`` ->
-  ``_layout.RowLayout``;
+- ``("rows", requested backend, unitwise, whether there are parameters, signature and shapes
+  of gradients and parameters)`` -> ``_layout.RowLayout``;
 - ``("ids", requested backend, ids of the tensors)`` -> :class:`_Recent`: the very tensor
   objects of a recent call (gradients kept between steps: DDP bucket views, flat buffers,
   ``zero_grad(set_to_none=False)``), checked by weak reference, address and size (about 0.15
@@ -71,8 +71,11 @@ BACKEND_ENV = "TRITONCLIP_BACKEND"
 
 
 def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
-                warn_empty_generator: bool = False) -> list[torch.Tensor]:
-    """A list of the tensors in ``items`` (a tensor, list or generator), type-checked."""
+                warn_empty_generator: bool = False, check_items: bool = True
+                ) -> list[torch.Tensor]:
+    """A list of the tensors in ``items`` (a tensor, list or generator), type-checked (with
+    ``check_items=False`` the items are left to :func:`prepare`, which checks them in the pass
+    it makes over their types anyway)."""
     if isinstance(items, torch.Tensor):
         return [items]
     is_generator = isinstance(items, types.GeneratorType)
@@ -82,16 +85,19 @@ def tensor_list(items: torch.Tensor | Iterable[torch.Tensor], name: str,
         raise TypeError(
             f"{name} must be a Tensor or an iterable of Tensors, got {type(items).__name__}"
         ) from None
-    if not all(map(isinstance, items, itertools.repeat(torch.Tensor))):  # C loop: ~30 ns each
-        index, item = next((i, x) for i, x in enumerate(items)
-                           if not isinstance(x, torch.Tensor))
-        raise TypeError(f"{name}[{index}] must be a Tensor, got {type(item).__name__}: "
-                        f"{_short(item)}")
+    if check_items and not all(map(isinstance, items, itertools.repeat(torch.Tensor))):
+        _not_a_tensor(items, name)  # (the C loop above: ~15 ns an item)
     if warn_empty_generator and is_generator and not items:
         warnings.warn(
             f"`{name}` is an empty generator, no gradient clipping will occur.", stacklevel=4
         )
     return items
+
+
+def _not_a_tensor(items, name: str):
+    index, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
+    raise TypeError(f"{name}[{index}] must be a Tensor, got {type(item).__name__}: "
+                    f"{_short(item)}")
 
 
 def _short(value) -> str:
@@ -234,7 +240,10 @@ def norm_tensor(total_norm, device: torch.device) -> torch.Tensor:
     else:
         total_norm = torch.where(total_norm < 0, torch.full_like(total_norm, math.nan),
                                  total_norm)
-    return move(total_norm.reshape(()), device)
+    # the coefficient in float32 at least (torch's get_total_norm of bfloat16 gradients is
+    # bfloat16: 8 bits for a coefficient, and eps=1e-6 lost in the sum)
+    return move(total_norm.reshape(()), device, torch.promote_types(total_norm.dtype,
+                                                                    torch.float32))
 
 
 _NONFINITE_ERROR = (
@@ -414,16 +423,19 @@ def _checked_layout(tensors: list[torch.Tensor], requested: str, purpose: str, n
 
 
 def has_dtensor(tensors: list[torch.Tensor]) -> bool:
-    return _local(tensors) is not tensors
+    return _local(tensors, "tensors") is not tensors
 
 
-def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _local(tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
     """Each DTensor replaced by its local tensor (the same memory: scaling it in place scales
     the DTensor); without any DTensor, ``tensors`` itself, so ``_local(ts) is not ts`` says
-    whether there are DTensors. (The distinct types are tested, then a subclass test on each:
-    ~25 ns a tensor, where isinstance on every tensor costs ~80 ns.)"""
+    whether there are DTensors. ``TypeError`` for an item that is not a tensor. (The distinct
+    types are tested, then a subclass test on each: ~20 ns a tensor.)"""
+    kinds = set(map(type, tensors))
+    if not all(issubclass(kind, torch.Tensor) for kind in kinds):
+        _not_a_tensor(tensors, name)
     dtensor = _sharding.DTensor
-    if dtensor is None or not any(issubclass(kind, dtensor) for kind in set(map(type, tensors))):
+    if dtensor is None or not any(issubclass(kind, dtensor) for kind in kinds):
         return tensors
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
@@ -459,7 +471,7 @@ def prepare(items: list[torch.Tensor], requested: str, purpose: str, *, paramete
     if norm_filter is not None and not callable(norm_filter):
         raise TypeError(f"norm_filter must be a callable taking a tensor, got {norm_filter!r}")
     grads = grads_of(items) if parameters else items
-    local = _local(grads)
+    local = _local(grads, name)
     layout = _checked_layout(local, requested, purpose, name)
     groups = layout.groups
     if purpose == "clamp" and local is not grads:
@@ -516,8 +528,11 @@ class PreparedGrads:
         sets = self.sets
         if len(sets) == 1 and not sets[0].reductions and len(sets[0].groups) == 1:
             group = sets[0].groups[0]
-            # (p > 0: the norm shows a NaN or inf gradient by itself; see _local_power)
-            if norm_type > 0 and group.device == self.device:
+            # (p > 0: the norm shows a NaN or inf gradient by itself, see _local_power; the
+            # fused norm is float64 for float64 gradients, float32 for the others, which
+            # must be the norm's dtype: a filter may have left the float64 ones out)
+            if (norm_type > 0 and group.device == self.device
+                    and (group.dtype == torch.float64) == (self.dtype == torch.float64)):
                 fused = group.backend.norm_clip(group, sets[0].tensors, norm_type, max_norm,
                                                 eps, skip_nonfinite, inv_scale)
                 if fused is not None:
@@ -596,7 +611,7 @@ def _reduce_sets(items, norm_type, device):
                 merged[item[1]] = item
             else:
                 entry[2] = _normmath.combine([entry[2], item[2]], norm_type, device,
-                                             entry[2].dtype)
+                                             torch.promote_types(entry[2].dtype, item[2].dtype))
                 entry[3] = entry[3] | item[3]
                 entry[4] = entry[4] | item[4]
         items = list(merged.values())
@@ -632,8 +647,10 @@ def prepare_rows(grads: list[torch.Tensor], params: list[torch.Tensor] | None,
     if signature is None:  # a sparse tensor has no address to key a cache by
         layout = _layout.rows(grads, params, unitwise, requested)
     else:
+        # (rows also follow the shapes: first dimensions, and whether two views are one)
         layout = CACHE.get_or_build(
-            ("rows", requested, unitwise, params is None, signature),
+            ("rows", requested, unitwise, params is None, signature,
+             tuple(t.shape for t in tensors)),
             lambda: _layout.rows(grads, params, unitwise, requested))
     check(layout, purpose, name)
     return PreparedRows(layout, grads, params)
@@ -699,6 +716,8 @@ def tensor_norms(tensors: list[torch.Tensor], requested: str, norm_type: float,
                  foreach: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(total norm, each tensor's norm) in one read where the tensors share no memory: the
     per-tensor norms of ``get_total_norm(..., per_tensor=True)``."""
+    if not all(map(isinstance, tensors, itertools.repeat(torch.Tensor))):
+        _not_a_tensor(tensors, "tensors")
     device = tensors[0].device if tensors else CPU
     rows = prepare_rows(tensors, None, False, requested, "read", "tensors")
     per_group = [rows.norms(group, norm_type, foreach) for group in rows.groups]

@@ -150,7 +150,7 @@ class TorchBackend(Backend):
         if skip_at_least_one and coef.device.type == "cpu" and coef.item() >= 1.0:
             return
         tensors = views(group, tensors)
-        if coef.dtype == torch.float64 and group.dtype != torch.float64:
+        if coef.dtype == torch.float64 and group.dtype not in (torch.float64, torch.complex128):
             coef = coef.float()  # a float64 coefficient (float64 gradients elsewhere in the
             # list) applies to float32 arithmetic here, as the kernels apply it
         if use_foreach(tensors, group.device, foreach):

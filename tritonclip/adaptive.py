@@ -95,7 +95,8 @@ class _HistoryClipper:
         history.
 
         Returns:
-            The total norm before clipping (float32, 0-dim, on the first gradient's device).
+            The total norm before clipping (0-dim, on the first gradient's device;
+            float32, float64 for float64 gradients).
         """
         grads = _core.prepare(_core.tensor_list(parameters, "parameters"), self.backend,
                               "scale", parameters=True)

@@ -82,7 +82,7 @@ def unscale_and_clip_grads_(
         gradient (on any rank of ``process_group``) is inf or NaN, else 0.0 (float32, 0-dim,
         same device).
     """
-    grads = _core.tensor_list(grads, "grads")
+    grads = _core.tensor_list(grads, "grads", check_items=False)  # (prepare checks them)
     max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, False, foreach)
     if not isinstance(inv_scale, torch.Tensor) or inv_scale.numel() != 1:
@@ -91,7 +91,7 @@ def unscale_and_clip_grads_(
                              process_group=process_group, name="grads")
     device = prepared.device if grads else inv_scale.device
     inv_scale = _core.move(inv_scale.reshape(()), device, torch.float32)
-    if not grads:
+    if not grads and process_group is None:  # (with a group, take part in its all-reduce)
         return torch.zeros((), device=device), torch.zeros((), device=device)
     total, factor, found_inf = prepared.norm_and_coefficient(
         norm_type, foreach, max_norm, eps, mode == "skip", inv_scale)
@@ -177,8 +177,9 @@ def unscale_and_clip_(
         return clip_grad_norm_(params, max_norm, norm_type, **extras)
     state, scale = begin_unscale(scaler, optimizer)
     grads = _core.grads_of(params)
+    sharded = ShardedGradScaler is not None and isinstance(scaler, ShardedGradScaler)
     for index, g in enumerate(grads):
-        if g.dtype == torch.float16:
+        if g.dtype == torch.float16 and not sharded:  # (ShardedGradScaler allows them)
             raise ValueError(
                 f"gradients[{index}] is float16: GradScaler does not unscale float16 "
                 "gradients (keep the parameters in float32 under autocast)"

@@ -60,7 +60,7 @@ def get_total_norm(
     Each distinct storage region is counted once: a tensor listed twice, or two views of
     the same memory, contribute their elements once.
     """
-    tensors = _core.tensor_list(tensors, "tensors")
+    tensors = _core.tensor_list(tensors, "tensors", check_items=False)  # (prepare checks)
     norm_type = _core.norm_type_value(norm_type)
     mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _core.foreach_value(foreach)

@@ -88,7 +88,7 @@ class GradNormMonitor:
             step (int, optional): the step number to file it under (default: a counter).
 
         Returns:
-            The total norm (float32, 0-dim device tensor).
+            The total norm (0-dim device tensor; float32, float64 for float64 gradients).
         """
         positions = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in positions]

@@ -93,7 +93,7 @@ def clip_into_(
     max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, mode, False, foreach)
     grads = _core.prepare(params, _core.backend_name(backend), "read", parameters=True)
-    if not grads.groups:
+    if not grads.tensors:
         return grads.norm(norm_type, foreach)
     skip = mode == "skip"
     if scaling:
