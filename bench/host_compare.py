@@ -47,6 +47,8 @@ def measure(checkout: str) -> dict:
         accept = mock.patch.object(_groups, "interpreter_enabled", lambda: True)
     result = {}
     with null_driver(), accept:
+        # (the sets and calls of tritonclip.bench.host, written out here: the checkouts'
+        # own bench modules differ)
         for label, count, numel in SETS:
             params = []
             for _ in range(count):
