@@ -92,6 +92,7 @@ class LaunchPlan:
     # compiled kernels of this plan's launches (see launch.launch)
     kept: dict = dataclasses.field(default_factory=dict, repr=False)
     _workspaces: dict = dataclasses.field(default_factory=dict, repr=False)
+    _counters: dict = dataclasses.field(default_factory=dict, repr=False)  # one per stream
     _streams: set = dataclasses.field(default_factory=set, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -135,9 +136,10 @@ class LaunchPlan:
         return buffers
 
     def _new_workspace(self, stream, acc_dtype):
-        counter = next((b[2] for k, b in self._workspaces.items() if k[0] == stream), None)
+        counter = self._counters.get(stream)
         if counter is None:
-            counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+            counter = self._counters[stream] = torch.zeros(1, dtype=torch.int64,
+                                                           device=self.device)
         pad = VECTOR_BYTES // acc_dtype.itemsize
         buffer = torch.empty(pad + self.n_partials, dtype=acc_dtype, device=self.device)
         return buffer[pad:], buffer[:1], counter

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _normmath
+
 
 class Span(NamedTuple):
     """``numel`` consecutive elements of one storage, from element ``start``."""
@@ -132,6 +134,5 @@ def row_dtype(rows: RowGroup, norm_type: float) -> torch.dtype:
     """Accumulation dtype of a row group's norms and coefficients: float64 if a float64
     tensor (gradient or parameter) takes part, float32 otherwise."""
     dtypes = [rows.dtype] + ([rows.param_dtype] if rows.param_dtype is not None else [])
-    if norm_type == 0.0 or any(d in (torch.float64, torch.complex128) for d in dtypes):
-        return torch.float64
-    return torch.float32
+    return max((_normmath.accumulation_dtype(d, norm_type) for d in dtypes),
+               key=lambda d: d.itemsize)

@@ -485,10 +485,10 @@ def prepare(items: list[torch.Tensor], requested: str, purpose: str, *, paramete
     sets, float64 = [], layout.float64
     for members, group in pairs if pairs is not None else [(items, process_group)]:
         counted = _counted(members, norm_filter)
-        for norm_set in _sharding.norm_sets(grads_of(counted) if parameters else counted,
-                                            group):
-            set_layout = _checked_layout(norm_set.tensors, requested, "read", name)
-            sets.append(NormSet(set_layout.groups, norm_set.tensors, norm_set.reductions))
+        for tensors, reductions in _sharding.norm_sets(
+                grads_of(counted) if parameters else counted, group):
+            set_layout = _checked_layout(tensors, requested, "read", name)
+            sets.append(NormSet(set_layout.groups, tensors, reductions))
             float64 = float64 or set_layout.float64
     return PreparedGrads(groups, local, sets, device, float64)
 

@@ -15,8 +15,6 @@ the core (``_core._reduce_sets``) reduces them with as few all-reduces as the se
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 try:  # torch >= 2.4 has the public module; 2.0 to 2.3 the private one
@@ -26,13 +24,6 @@ except ImportError:  # pragma: no cover - depends on the torch version
         from torch.distributed._tensor import DTensor, Replicate
     except ImportError:
         DTensor = Replicate = None
-
-
-class NormSet(NamedTuple):
-    """Plain tensors whose local norm values are all-reduced over ``reductions``, in order."""
-
-    tensors: list[torch.Tensor]
-    reductions: tuple
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -58,7 +49,7 @@ def _splits(placement) -> bool:
     return not (placement.is_replicate() or placement.is_partial())
 
 
-def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[NormSet]:
+def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[tuple[list, tuple]]:
     """The norm sets of ``tensors``: plain tensors reduced over ``outer_group`` (if any),
     DTensors over the groups of their mesh's ``Shard`` dimensions and then ``outer_group``.
 
@@ -83,12 +74,12 @@ def norm_sets(tensors: list[torch.Tensor], outer_group=None) -> list[NormSet]:
         dims = tuple(i for i in reversed(range(len(t.placements)))
                      if _splits(t.placements[i]))
         sharded.setdefault((t.device_mesh, dims), []).append(t.to_local())
-    sets = [NormSet(plain, outer)] if plain or outer else []
+    sets = [(plain, outer)] if plain or outer else []
     for mesh, _ in sharded:
         if outer_group is not None:
             _check_disjoint(mesh, outer_group)
     for (mesh, dims), members in sharded.items():
-        sets.append(NormSet(members, tuple(mesh.get_group(d) for d in dims) + outer))
+        sets.append((members, tuple(mesh.get_group(d) for d in dims) + outer))
     return sets
 
 
