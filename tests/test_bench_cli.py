@@ -143,3 +143,18 @@ def test_stream_tuning_refuses_blocks_too_small_for_the_warps():
     with pytest.raises(ValueError, match="num_warps"):
         with config.stream_tuning(8192, 3):
             pass
+
+
+def test_compile_compares_compiled_clips_in_the_same_run(tmp_path, capsys):
+    """--compile times torch's and tritonclip's clips under torch.compile, side by side."""
+    pytest.importorskip("tqdm")
+    cli.main(["--cases", "lstm-2layer", "--ops", "active,step", "--quick", "--compile",
+              "--reps", "2", "--out", str(tmp_path)])
+    assert "compiled x" in capsys.readouterr().out
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
+    by_key = {(r["op"], r["impl"]): r for r in records}
+    for op in ("active", "step"):
+        ours, theirs = by_key[(op, "tritonclip-compile")], by_key[(op, "torch-compile")]
+        assert ours["median_ms"] > 0 and theirs["median_ms"] > 0
+        assert ours["speedup_vs_torch_compile"] == theirs["median_ms"] / ours["median_ms"]
+    assert "overhead_vs_torch" in by_key[("step", "tritonclip-compile")]

@@ -253,10 +253,21 @@ _NONFINITE_ERROR = (
 )
 
 
+_CAPTURE_ERROR = (
+    "nonfinite='error' (error_if_nonfinite=True) reads the norm on the host, which a CUDA graph "
+    "being captured cannot do (torch.compile mode='reduce-overhead' captures one): use "
+    "nonfinite='propagate' or 'skip' there, and read the returned norm after replay")
+
+
 def check_nonfinite(total: torch.Tensor, mode: str, norm_type: float) -> None:
     """``RuntimeError`` for a non-finite norm (any, for several) in mode "error": the
-    library's only host synchronisation, and only when asked for."""
-    if mode == "error" and total.numel() and not bool(torch.isfinite(total).all()):
+    library's only host synchronisation, and only when asked for (a clear error instead
+    while a CUDA graph is captured)."""
+    if mode != "error" or not total.numel():
+        return
+    if total.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(_CAPTURE_ERROR)
+    if not bool(torch.isfinite(total).all()):
         raise RuntimeError(_NONFINITE_ERROR.format(norm_type=norm_type))
 
 

@@ -6,10 +6,11 @@ thresholds, statistics and decisions are device tensors combined with ``torch.wh
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from . import _core, _normmath
+from . import _compile, _core, _normmath
 from .clip_grad import TensorOrTensors
 
 __all__ = ["AutoClip", "ZClip", "clip_grad_agc_"]
@@ -63,9 +64,19 @@ def clip_grad_agc_(
     eps = _core.nonnegative(eps, "eps", allow_inf=False)
     norm_type = _core.positive_norm_type(norm_type)
     foreach = _core.foreach_value(foreach)
+    backend = _core.backend_name(backend)
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]
-    rows = _core.prepare_rows(grads, params, True, _core.backend_name(backend), "scale")
+    if not _compile.compiling():
+        return _agc(grads, params, clip_factor, eps, norm_type, foreach, backend)
+    if _core.has_dtensor(grads + params):  # (DTensors cannot enter a custom op)
+        return _compile.distributed(clip_grad_agc_, params, clip_factor, eps, norm_type,
+                                    foreach=foreach, backend=backend)
+    _agc_op(grads, params, clip_factor, eps, norm_type, foreach, backend)
+
+
+def _agc(grads, params, clip_factor, eps, norm_type, foreach, backend) -> None:
+    rows = _core.prepare_rows(grads, params, True, backend, "scale")
     coefs = []
     for group in rows.groups:
         weight_norms = rows.norms(group, norm_type, foreach, "params")[0]
@@ -74,6 +85,12 @@ def clip_grad_agc_(
         coef = max_norm / grad_norms.clamp(min=1e-6)
         coefs.append(torch.where(grad_norms < max_norm, torch.ones_like(coef), coef))
     rows.scale_(coefs)
+
+
+@_compile.op("clip_grad_agc_", mutates=("grads",))
+def _agc_op(grads: list[torch.Tensor], params: list[torch.Tensor], clip_factor: float,
+            eps: float, norm_type: float, foreach: Optional[bool], backend: str) -> None:
+    _agc(grads, params, clip_factor, eps, norm_type, foreach, backend)
 
 
 class _HistoryClipper:
@@ -98,6 +115,8 @@ class _HistoryClipper:
             The total norm before clipping (0-dim, on the first gradient's device;
             float32, float64 for float64 gradients).
         """
+        if _compile.compiling():
+            return _compile.stateful(type(self).step, self, parameters)
         grads = _core.prepare(_core.tensor_list(parameters, "parameters"), self.backend,
                               "scale", parameters=True)
         norm = grads.norm(self.norm_type, self.foreach)

@@ -15,7 +15,7 @@ once scaled (|g| * scale beyond about 1.8e19 for p = 2) counts as an overflow: t
 skipped and the scale backed off, where the two calls would clip and step. Gradients that
 large are a diverging run either way.
 
-The GradScaler's state is private (``_per_optimizer_states``, ``_check_scale_growth_tracker``):
+The GradScaler's state is private (``_per_optimizer_states``, ``_scale``, ``_enabled``):
 it is read only after a feature check (:func:`fuses`), and only for ``torch.amp.GradScaler``
 itself and torch's ``ShardedGradScaler`` (FSDP), whose ``found_inf`` is all-reduced over its
 process group as its own ``unscale_`` does. Any other scaler (a subclass with its own
@@ -25,9 +25,11 @@ process group as its own ``unscale_`` does. Any other scaler (a subclass with it
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _core, distributed
+from . import _compile, _core, distributed
 from .clip_grad import clip_grad_norm_
 
 try:
@@ -42,7 +44,13 @@ except ImportError:  # pragma: no cover - torch without distributed
 
 __all__ = ["fuses", "unscale_and_clip_", "unscale_and_clip_grads_"]
 
-_STATE = ("_per_optimizer_states", "_check_scale_growth_tracker")
+_STATE = ("_per_optimizer_states", "_scale", "_enabled")
+
+_eager = _compile.eager(
+    "tritonclip.amp.unscale_and_clip_ compiles for a torch.amp.GradScaler without "
+    "process_group; torch.compile does not trace torch.amp's own code, which other scalers "
+    "(a subclass, ShardedGradScaler: its found_inf is all-reduced) need, so with them it runs "
+    "eagerly (a graph break)")
 
 
 @torch.no_grad()
@@ -87,7 +95,21 @@ def unscale_and_clip_grads_(
         max_norm, norm_type, eps, nonfinite, False, foreach)
     if not isinstance(inv_scale, torch.Tensor) or inv_scale.numel() != 1:
         raise TypeError(f"inv_scale must be a one-element tensor, got {_core._short(inv_scale)}")
-    prepared = _core.prepare(grads, _core.backend_name(backend), "scale", parameters=False,
+    backend = _core.backend_name(backend)
+    if not _compile.compiling():
+        return _unscale_and_clip(grads, inv_scale, max_norm, norm_type, eps, mode, foreach,
+                                 backend, process_group)
+    if process_group is not None or _core.has_dtensor(grads):
+        return _compile.distributed(unscale_and_clip_grads_, grads, inv_scale, max_norm,
+                                    norm_type, foreach, backend=backend, eps=eps,
+                                    nonfinite=mode, process_group=process_group)
+    return _unscale_and_clip_op(grads, inv_scale, max_norm, norm_type, eps, mode, foreach,
+                                backend)
+
+
+def _unscale_and_clip(grads, inv_scale, max_norm, norm_type, eps, mode, foreach, backend,
+                      process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    prepared = _core.prepare(grads, backend, "scale", parameters=False,
                              process_group=process_group, name="grads")
     device = prepared.device if grads else inv_scale.device
     inv_scale = _core.move(inv_scale.reshape(()), device, torch.float32)
@@ -98,6 +120,21 @@ def unscale_and_clip_grads_(
     _core.check_nonfinite(total, mode, norm_type)
     prepared.scale_(factor, foreach, skip_at_least_one=False)
     return total, found_inf
+
+
+def _unscale_and_clip_fake(grads, inv_scale, *args):
+    if not grads:
+        return tuple(inv_scale.new_empty((), dtype=torch.float32) for _ in range(2))
+    return _compile.norm_like(grads), grads[0].new_empty((), dtype=torch.float32)
+
+
+@_compile.op("unscale_and_clip_grads_", mutates=("grads",), fake=_unscale_and_clip_fake)
+def _unscale_and_clip_op(grads: list[torch.Tensor], inv_scale: torch.Tensor, max_norm: float,
+                         norm_type: float, eps: float, nonfinite: str,
+                         foreach: Optional[bool], backend: str
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _unscale_and_clip(grads, inv_scale, max_norm, norm_type, eps, nonfinite, foreach,
+                             backend)
 
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -170,13 +207,20 @@ def unscale_and_clip_(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode,
                   process_group=process_group)
-    if not scaler.is_enabled():
+    if _compile.compiling():
+        if not _compiles(scaler, process_group):
+            return _eager(unscale_and_clip_, scaler, optimizer, max_norm, norm_type, False,
+                          **extras)
+        enabled = scaler._enabled  # (is_enabled is torch.amp code, which dynamo skips)
+    else:
+        enabled = scaler.is_enabled()
+    if not enabled:
         return clip_grad_norm_(params, max_norm, norm_type, **extras)
     if not fuses(scaler):
         scaler.unscale_(optimizer)
         return clip_grad_norm_(params, max_norm, norm_type, **extras)
     state, scale = begin_unscale(scaler, optimizer)
-    grads = _core.grads_of(params)
+    grads = (_compile.grads_of if _compile.compiling() else _core.grads_of)(params)
     sharded = ShardedGradScaler is not None and isinstance(scaler, ShardedGradScaler)
     for index, g in enumerate(grads):
         if g.dtype == torch.float16 and not sharded:  # (ShardedGradScaler allows them)
@@ -191,18 +235,30 @@ def unscale_and_clip_(
     return total
 
 
+def _compiles(scaler, process_group) -> bool:
+    """Whether :func:`unscale_and_clip_` can run with ``scaler`` in compiled code: it folds
+    (:func:`fuses`) and needs no collective (not sharded, no ``process_group``)."""
+    sharded = ShardedGradScaler is not None and isinstance(scaler, ShardedGradScaler)
+    return fuses(scaler) and not sharded and process_group is None
+
+
 def begin_unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer):
     """(the optimizer's GradScaler state, the scale tensor), after the checks that
     ``GradScaler.unscale_`` makes first (for a scaler that :func:`fuses`)."""
-    state = scaler._per_optimizer_states[id(optimizer)]
+    states = scaler._per_optimizer_states
+    # (set back: under torch.compile, the entry a defaultdict creates on a miss is otherwise
+    # lost, torch 2.13)
+    state = states[id(optimizer)] = states[id(optimizer)]
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError(
             "unscale_() has already been called on this optimizer since the last update()."
         )
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
-    scale, _ = scaler._check_scale_growth_tracker("unscale_")
-    return state, scale
+    if scaler._scale is None:  # (GradScaler._check_scale_growth_tracker's check)
+        raise RuntimeError("unscale_and_clip_ found no scale: call scaler.scale(loss) before "
+                           "it in the iteration")
+    return state, scaler._scale
 
 
 def end_unscale(scaler, state: dict, found_inf: torch.Tensor,

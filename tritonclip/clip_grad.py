@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
-from . import _core
+from . import _compile, _core
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
@@ -60,30 +60,65 @@ def get_total_norm(
     Each distinct storage region is counted once: a tensor listed twice, or two views of
     the same memory, contribute their elements once.
     """
-    tensors = _core.tensor_list(tensors, "tensors", check_items=False)  # (prepare checks)
+    # (prepare checks the items; an op's arguments are checked before it is called)
+    tensors = _core.tensor_list(tensors, "tensors", check_items=_compile.compiling())
     norm_type = _core.norm_type_value(norm_type)
     mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     foreach = _core.foreach_value(foreach)
     backend = _core.backend_name(backend)
+    if per_tensor and (norm_filter is not None or isinstance(process_group, (list, tuple))
+                       or _core.has_dtensor(tensors)):
+        raise ValueError("per_tensor=True takes plain tensors, a single process_group and "
+                         "no norm_filter (per-tensor norms of shards would be the shards' "
+                         "norms)")
+    if _compile.compiling():
+        if process_group is not None or _core.has_dtensor(tensors):
+            return _compile.distributed(get_total_norm, tensors, norm_type, False, foreach,
+                                        backend=backend, nonfinite=mode, per_tensor=per_tensor,
+                                        process_group=process_group, norm_filter=norm_filter)
+        if per_tensor:
+            return _tensor_norms_op(tensors, norm_type, mode, foreach, backend)
+        return _total_norm_op(tensors, norm_type, mode, foreach, backend,
+                              _compile.counted(tensors, norm_filter))
     if per_tensor:
-        if (norm_filter is not None or isinstance(process_group, (list, tuple))
-                or _core.has_dtensor(tensors)):
-            raise ValueError("per_tensor=True takes plain tensors, a single process_group and "
-                             "no norm_filter (per-tensor norms of shards would be the shards' "
-                             "norms)")
-        if process_group is None:  # one read for both
-            total, norms = _core.tensor_norms(tensors, backend, norm_type, foreach)
-        else:
-            total = _core.prepare(tensors, backend, "read", parameters=False,
-                                  process_group=process_group).norm(norm_type, foreach)
-            norms = _core.tensor_norms(tensors, backend, norm_type, foreach)[1]
-        _core.check_nonfinite(total, mode, norm_type)
-        return total, norms
+        return _tensor_norms(tensors, norm_type, mode, foreach, backend, process_group)
+    return _total_norm(tensors, norm_type, mode, foreach, backend, process_group, norm_filter)
+
+
+def _total_norm(tensors, norm_type, mode, foreach, backend, process_group=None,
+                norm_filter=None) -> torch.Tensor:
     total = _core.prepare(tensors, backend, "read", parameters=False,
                           process_group=process_group,
                           norm_filter=norm_filter).norm(norm_type, foreach)
     _core.check_nonfinite(total, mode, norm_type)
     return total
+
+
+def _tensor_norms(tensors, norm_type, mode, foreach, backend, process_group=None):
+    if process_group is None:  # one read for both
+        total, norms = _core.tensor_norms(tensors, backend, norm_type, foreach)
+    else:
+        total = _core.prepare(tensors, backend, "read", parameters=False,
+                              process_group=process_group).norm(norm_type, foreach)
+        norms = _core.tensor_norms(tensors, backend, norm_type, foreach)[1]
+    _core.check_nonfinite(total, mode, norm_type)
+    return total, norms
+
+
+@_compile.op("get_total_norm", fake=lambda tensors, *args: _compile.norm_like(tensors))
+def _total_norm_op(tensors: list[torch.Tensor], norm_type: float, nonfinite: str,
+                   foreach: Optional[bool], backend: str,
+                   counted: Optional[list[bool]]) -> torch.Tensor:
+    return _total_norm(tensors, norm_type, nonfinite, foreach, backend,
+                       norm_filter=_compile.filter_of(tensors, counted))
+
+
+@_compile.op("get_tensor_norms", fake=lambda tensors, *args: (
+    _compile.norm_like(tensors), _compile.norm_like(tensors, len(tensors))))
+def _tensor_norms_op(tensors: list[torch.Tensor], norm_type: float, nonfinite: str,
+                     foreach: Optional[bool], backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tensor_norms(tensors, norm_type, nonfinite, foreach, backend)
 
 
 @torch.no_grad()
@@ -122,10 +157,30 @@ def clip_grads_with_norm_(
     max_norm = _core.nonnegative(max_norm, "max_norm")
     eps = _core.nonnegative(eps, "eps", allow_inf=False)
     foreach = _core.foreach_value(foreach)
-    grads = _core.prepare(parameters, _core.backend_name(backend), "scale", parameters=True)
+    backend = _core.backend_name(backend)
+    if not _compile.compiling():
+        return _scale_by_norm(parameters, True, max_norm, total_norm, eps, foreach, backend)
+    grads = _compile.grads_of(parameters)
+    if _core.has_dtensor(grads) or (isinstance(total_norm, torch.Tensor)
+                                    and _core.has_dtensor([total_norm])):
+        return _compile.distributed(clip_grads_with_norm_, parameters, max_norm, total_norm,
+                                    foreach, backend=backend, eps=eps)
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(_core.nonnegative(total_norm, "total_norm"))
+    _scale_by_norm_op(grads, max_norm, total_norm, eps, foreach, backend)
+
+
+def _scale_by_norm(items, parameters, max_norm, total_norm, eps, foreach, backend) -> None:
+    grads = _core.prepare(items, backend, "scale", parameters=parameters)
     total_norm = _core.norm_tensor(total_norm, grads.device)
     if grads.groups:
         grads.scale_(grads.coefficient(total_norm, max_norm, eps), foreach)
+
+
+@_compile.op("clip_grads_with_norm_", mutates=("grads",))
+def _scale_by_norm_op(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor,
+                      eps: float, foreach: Optional[bool], backend: str) -> None:
+    _scale_by_norm(grads, False, max_norm, total_norm, eps, foreach, backend)
 
 
 @torch.no_grad()
@@ -216,13 +271,36 @@ def clip_grad_norm_(
     parameters = _core.tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
-    grads = _core.prepare(parameters, _core.backend_name(backend), "scale", parameters=True,
+    backend = _core.backend_name(backend)
+    if not _compile.compiling():
+        return _clip_norm(parameters, True, max_norm, norm_type, eps, mode, foreach, backend,
+                          process_group, norm_filter)
+    grads, counted = _compile.grads_counted(parameters, norm_filter)
+    if process_group is not None or _core.has_dtensor(grads):
+        return _compile.distributed(clip_grad_norm_, parameters, max_norm, norm_type, False,
+                                    foreach, backend=backend, eps=eps, nonfinite=mode,
+                                    process_group=process_group, norm_filter=norm_filter)
+    return _clip_norm_op(grads, max_norm, norm_type, eps, mode, foreach, backend, counted)
+
+
+def _clip_norm(items, parameters, max_norm, norm_type, eps, mode, foreach, backend,
+               process_group=None, norm_filter=None) -> torch.Tensor:
+    grads = _core.prepare(items, backend, "scale", parameters=parameters,
                           process_group=process_group, norm_filter=norm_filter)
     total, coef, _ = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps,
                                                 skip_nonfinite=mode == "skip")
     _core.check_nonfinite(total, mode, norm_type)
     grads.scale_(coef, foreach)
     return total
+
+
+@_compile.op("clip_grad_norm_", mutates=("grads",),
+             fake=lambda grads, *args: _compile.norm_like(grads))
+def _clip_norm_op(grads: list[torch.Tensor], max_norm: float, norm_type: float, eps: float,
+                  nonfinite: str, foreach: Optional[bool], backend: str,
+                  counted: Optional[list[bool]]) -> torch.Tensor:
+    return _clip_norm(grads, False, max_norm, norm_type, eps, nonfinite, foreach, backend,
+                      norm_filter=_compile.filter_of(grads, counted))
 
 
 @torch.no_grad()
@@ -253,5 +331,21 @@ def clip_grad_value_(
     parameters = _core.tensor_list(parameters, "parameters")
     low, high = _core.value_bounds(clip_value, lo, hi)
     foreach = _core.foreach_value(foreach)
-    grads = _core.prepare(parameters, _core.backend_name(backend), "clamp", parameters=True)
-    grads.clamp_(low, high, foreach)
+    backend = _core.backend_name(backend)
+    if not _compile.compiling():
+        return _clamp(parameters, True, low, high, foreach, backend)
+    grads = _compile.grads_of(parameters)
+    if _core.has_dtensor(grads):  # (DTensors cannot enter a custom op)
+        return _compile.distributed(clip_grad_value_, parameters, foreach=foreach, lo=low,
+                                    hi=high, backend=backend)
+    _clamp_op(grads, low, high, foreach, backend)
+
+
+def _clamp(items, parameters, low, high, foreach, backend) -> None:
+    _core.prepare(items, backend, "clamp", parameters=parameters).clamp_(low, high, foreach)
+
+
+@_compile.op("clip_grad_value_", mutates=("grads",))
+def _clamp_op(grads: list[torch.Tensor], low: float, high: float, foreach: Optional[bool],
+              backend: str) -> None:
+    _clamp(grads, False, low, high, foreach, backend)

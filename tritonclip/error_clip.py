@@ -18,12 +18,12 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from . import _core
+from . import _compile, _core
 
 __all__ = ["ClipCounter", "ErrorClip", "ErrorClipHandle", "error_clip", "register_error_clip"]
 
@@ -174,7 +174,25 @@ class _ErrorClipFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _core.clip_activation_grad(grad, ctx.spec), None
+        spec = ctx.spec
+        if _compile.compiling():  # one opaque op in the compiled backward
+            dims = list(spec.dims) if spec.dims is not None else None
+            return _clip_grad_op(grad, spec.lo, spec.hi, spec.max_norm, dims, spec.norm_type,
+                                 spec.eps, spec.backend.name, spec.counts), None
+        return _core.clip_activation_grad(grad, spec), None
+
+
+@_compile.op("error_clip_backward", mutates=("counts",),
+             fake=lambda grad, *args: torch.empty_like(grad))
+def _clip_grad_op(grad: torch.Tensor, lo: float, hi: float, max_norm: Optional[float],
+                  dims: Optional[list[int]], norm_type: float, eps: float, backend: str,
+                  counts: Optional[torch.Tensor]) -> torch.Tensor:
+    """The clipped copy of an activation's gradient (what ``_ErrorClipFunction.backward``
+    computes), as one op."""
+    spec = _core.ErrorClipSpec(lo, hi, max_norm, tuple(dims) if dims is not None else None,
+                               norm_type, eps, _core.activation_backend(backend, grad), counts)
+    clipped = _core.clip_activation_grad(grad, spec)
+    return clipped.clone() if clipped is grad else clipped  # (an op's output is its own)
 
 
 def error_clip(

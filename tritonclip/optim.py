@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _core, amp
+from . import _compile, _core, amp
 from .clip_grad import clip_grad_norm_
 
 __all__ = ["clip_into_", "folds_into"]
@@ -79,6 +79,10 @@ def clip_into_(
         The total norm of the (unscaled) gradients: 0-dim, on the first gradient's device
         (float32; float64 when a float64 gradient takes part).
     """
+    if _compile.compiling():
+        return _compile.stateful(clip_into_, optimizer, max_norm, norm_type,
+                                 error_if_nonfinite, foreach, scaler=scaler, backend=backend,
+                                 eps=eps, nonfinite=nonfinite)
     mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     scaling = scaler is not None and scaler.is_enabled()
     _clear_stale(optimizer)

@@ -3,9 +3,11 @@ Paddle ``ClipGradByNorm``), in one norm launch and one scale launch per group.""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _core, _normmath
+from . import _compile, _core, _normmath
 from .clip_grad import TensorOrTensors
 
 __all__ = ["clip_grad_norm_per_tensor_"]
@@ -62,8 +64,19 @@ def clip_grad_norm_per_tensor_(
     norm_type = _core.positive_norm_type(norm_type)
     max_norm, norm_type, eps, mode, foreach = _core.norm_clip_args(
         max_norm, norm_type, eps, nonfinite, error_if_nonfinite, foreach)
-    grads = _core.grads_of(parameters)
-    rows = _core.prepare_rows(grads, None, False, _core.backend_name(backend), "scale")
+    backend = _core.backend_name(backend)
+    if _compile.compiling():
+        grads = _compile.grads_of(parameters)
+        if _core.has_dtensor(grads):  # (DTensors cannot enter a custom op)
+            return _compile.distributed(clip_grad_norm_per_tensor_, parameters, max_norm,
+                                        norm_type, False, foreach, backend=backend, eps=eps,
+                                        nonfinite=mode)
+        return _clip_op(grads, max_norm, norm_type, eps, mode, foreach, backend)
+    return _clip(_core.grads_of(parameters), max_norm, norm_type, eps, mode, foreach, backend)
+
+
+def _clip(grads, max_norm, norm_type, eps, mode, foreach, backend) -> torch.Tensor:
+    rows = _core.prepare_rows(grads, None, False, backend, "scale")
     device = grads[0].device if grads else torch.device("cpu")
     norms = [rows.norms(group, norm_type, foreach)[0] for group in rows.groups]
     coefs = [_normmath.clip_coefficient(n, max_norm, eps, mode == "skip") for n in norms]
@@ -72,3 +85,10 @@ def clip_grad_norm_per_tensor_(
     rows.scale_(coefs)
     return result
 
+
+
+@_compile.op("clip_grad_norm_per_tensor_", mutates=("grads",),
+             fake=lambda grads, *args: _compile.norm_like(grads, len(grads)))
+def _clip_op(grads: list[torch.Tensor], max_norm: float, norm_type: float, eps: float,
+             nonfinite: str, foreach: Optional[bool], backend: str) -> torch.Tensor:
+    return _clip(grads, max_norm, norm_type, eps, nonfinite, foreach, backend)

@@ -46,6 +46,12 @@ user hand-rolls in a tensor hook.
 
 The step case reports ``clip_overhead_ms`` (time minus the optimizer-only time) and
 ``overhead_vs_torch`` (tritonclip's overhead over torch's): what clipping adds to a step.
+
+With ``--compile``, ``torch-compile`` (torch's clip, or the foreach recipe for the norm clip,
+under ``torch.compile``) is compared with ``tritonclip-compile`` (tritonclip's function under
+``torch.compile``: one custom op running the same kernels, so it moves what ``tritonclip``
+moves; in the step case its clip is not folded: 3N + 7N), in the same run
+(``speedup_vs_torch_compile``).
 """
 
 from __future__ import annotations
@@ -64,8 +70,6 @@ OPS = ("active", "inactive", "norm", "value", "amp", "step", "per_tensor", "agc"
 # --quick's default: the global-norm, value and AMP clips (the README's main job, in about a
 # minute on the CPU); per_tensor, agc and error_clip run in full runs or with --ops.
 QUICK_OPS = OPS[:6]
-# The step case compares these instead of the usual implementations.
-STEP_IMPLS = ("tritonclip", "torch-foreach", "optimizer-only")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "mixed": [torch.bfloat16, torch.float32]}
 
@@ -95,7 +99,8 @@ PASSES = {
     "optimizer-only": {"step": 7},
     "torch-loop": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "amp": 5,
                    "per_tensor": 3, "agc": 9, "error_clip": 3},
-    "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2},
+    "torch-compile": {"active": 3, "inactive": 3, "norm": 1, "value": 2, "step": 10},
+    "tritonclip-compile": {"active": 3, "inactive": 1, "norm": 1, "value": 2, "step": 10},
 }
 
 
@@ -190,15 +195,45 @@ def _compiled_clip_norm():
     return torch.compile(clip, dynamic=False)
 
 
+COMPILED = ("torch-compile", "tritonclip-compile")
+
+
 def implementations(include_compile: bool) -> list[str]:
     """The implementations compared, tritonclip first."""
     impls = ["tritonclip", "torch-foreach", "torch-loop"]
-    return impls + ["torch-compile"] if include_compile else impls
+    return impls + list(COMPILED) if include_compile else impls
 
 
-def step_callables(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+def step_implementations(include_compile: bool) -> list[str]:
+    """The step case's implementations: the step alone last (the others' clip overhead is
+    their time minus its)."""
+    return ["tritonclip", "torch-foreach", *(COMPILED if include_compile else ()),
+            "optimizer-only"]
+
+
+def _compiled(fn: Callable[[], object]) -> Callable[[], object]:
+    torch._dynamo.reset()  # (as in _compiled_clip_norm)
+    return torch.compile(fn, dynamic=False)
+
+
+def _compiled_tritonclip(op: str, params, grads) -> Callable[[], object]:
+    """tritonclip's clip inside a torch.compile'd function, as a user would write it (one
+    custom op per call)."""
+    if op == "norm":
+        return _compiled(lambda: tritonclip.get_total_norm(grads))
+    if op == "value":
+        return _compiled(lambda: tritonclip.clip_grad_value_(params, 1e-3))
+    if op in ("active", "inactive"):
+        max_norm = MAX_NORM if op == "active" else 1e9
+        return _compiled(lambda: tritonclip.clip_grad_norm_(params, max_norm))
+    raise KeyError(op)
+
+
+def step_callables(grads: list[torch.Tensor], include_compile: bool = False
+                   ) -> dict[str, Callable[[], object]]:
     """For the step case: a fused AdamW over real weights carrying ``grads``, stepped alone,
-    after torch's clip, and with the clip folded in by :func:`tritonclip.optim.clip_into_`."""
+    after torch's clip, with the clip folded in by :func:`tritonclip.optim.clip_into_`, and
+    (``include_compile``) after torch's or tritonclip's clip compiled with torch.compile."""
     import tritonclip.optim
 
     weights = []
@@ -217,8 +252,15 @@ def step_callables(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]
         tritonclip.optim.clip_into_(optimizer, MAX_NORM)
         optimizer.step()
 
-    return {"tritonclip": clip_into_step, "torch-foreach": clip_then_step,
-            "optimizer-only": optimizer.step}
+    fns = {"tritonclip": clip_into_step, "torch-foreach": clip_then_step,
+           "optimizer-only": optimizer.step}
+    if include_compile:
+        torch._dynamo.reset()
+        for impl, clip in zip(COMPILED, (torch.nn.utils.clip_grad_norm_,
+                                         tritonclip.clip_grad_norm_)):
+            compiled = torch.compile(lambda clip=clip: clip(weights, MAX_NORM), dynamic=False)
+            fns[impl] = lambda compiled=compiled: (compiled(), optimizer.step())
+    return fns
 
 
 def _torch_unscale_(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> None:
@@ -233,6 +275,8 @@ def _torch_unscale_(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> None:
 
 def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
     """The zero-argument function that performs ``op`` with ``impl`` on the given gradients."""
+    if impl == "tritonclip-compile":
+        return _compiled_tritonclip(op, params, grads)
     max_norm = {"active": MAX_NORM, "inactive": 1e9, "amp": MAX_NORM}.get(op)
     if op == "amp":
         inv_scale = torch.tensor(AMP_INV_SCALE, device=grads[0].device)
@@ -264,8 +308,10 @@ def callable_for(impl: str, op: str, params, grads) -> Callable[[], object]:
             return lambda: tritonclip.clip_grad_value_(params, 1e-3)
         return lambda: tritonclip.clip_grad_norm_(params, max_norm)
     if impl == "torch-compile":
-        if op != "active" and op != "inactive":
-            raise KeyError(op)  # the compiled recipe is a norm clip
+        if op == "norm":
+            return _compiled(lambda: torch.nn.utils.get_total_norm(grads))
+        if op == "value":
+            return _compiled(lambda: torch.nn.utils.clip_grad_value_(params, 1e-3))
         compiled = _compiled_clip_norm()
         return lambda: compiled(grads, max_norm)
     foreach = impl == "torch-foreach"

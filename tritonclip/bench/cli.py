@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated subset of %s (default: bf16 on a GPU, fp32 on "
                              "the CPU; 'all' for every one)" % ", ".join(cases.DTYPES))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="include the torch.compile baseline (default: on unless --quick)")
+                        help="include the torch.compile'd clips, torch's and tritonclip's "
+                             "(default: on unless --quick)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed calls per measurement on the CPU (default 5; CUDA uses "
                              "triton.testing.do_bench's own count)")
@@ -97,6 +98,7 @@ def run(args) -> dict:
     include_compile = (not args.quick) if args.compile is None else args.compile
     reps = args.reps or 5
     impls = cases.implementations(include_compile)
+    step_impls = cases.step_implementations(include_compile)
 
     stamp = timing.machine_stamp(device)
     copy_gbps = timing.copy_bandwidth_gbps(device, (1024 if device.type == "cuda" else 256) * MB,
@@ -107,7 +109,7 @@ def run(args) -> dict:
         element_size = (dtypes[0] if isinstance(dtypes, list) else dtypes).itemsize
         for gset in cases.gradient_sets(models, one, many, element_size):
             work.append((gset, dtype_name))
-    per_set = sum(len(cases.STEP_IMPLS) if op == "step" else len(impls) for op in ops)
+    per_set = sum(len(step_impls) if op == "step" else len(impls) for op in ops)
     total = per_set * len(work)
 
     from tqdm import tqdm
@@ -115,7 +117,8 @@ def run(args) -> dict:
     records = []
     with tqdm(total=total, unit="case", dynamic_ncols=True) as bar:
         for gset, dtype_name in work:
-            records += _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar)
+            records += _run_set(gset, dtype_name, ops, impls, step_impls, device, reps,
+                                copy_gbps, bar)
     method = {
         "timer": ("triton.testing.do_bench (CUDA events, L2 flushed); active: CUDA events "
                   "around each call after an untimed restore and L2 flush")
@@ -128,7 +131,8 @@ def run(args) -> dict:
             "args": vars(args), "results": with_ratios(records)}
 
 
-def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list[dict]:
+def _run_set(gset, dtype_name, ops, impls, step_impls, device, reps, copy_gbps, bar
+             ) -> list[dict]:
     dtypes = cases.DTYPES[dtype_name]
     sizes = [d.itemsize for d in (dtypes if isinstance(dtypes, list) else [dtypes])]
     nbytes = sum(cases.shape_sets.numel([shape]) * sizes[i % len(sizes)]  # as make_grads
@@ -141,7 +145,7 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
     # The gradients, plus a saved copy for the active case, plus headroom for baselines.
     if nbytes * 2.5 > _free_bytes(device):
         for op in ops:
-            for impl in cases.STEP_IMPLS if op == "step" else impls:
+            for impl in step_impls if op == "step" else impls:
                 records.append(dict(base, op=op, impl=impl, skipped="not enough memory"))
                 bar.update()
         return records
@@ -151,14 +155,14 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
         cases.normalize_(grads)
         setup = cases.restorer(op, grads)
         if op == "step":
-            records += _step_records(base, grads, device, reps, copy_gbps, setup, bar)
+            records += _step_records(base, grads, step_impls, device, reps, copy_gbps, setup,
+                                     bar)
             continue
         for impl in impls:
             bar.set_description(f"{gset.name} {dtype_name} {op} {impl}")
             record = dict(base, op=op, impl=impl)
-            if impl == "torch-compile" and (op not in ("active", "inactive")
-                                            or len(grads) > _COMPILE_MAX_TENSORS):
-                record["skipped"] = "no compiled recipe for this case"
+            if impl in cases.COMPILED and len(grads) > _COMPILE_MAX_TENSORS:
+                record["skipped"] = "too many tensors to compile a graph over"
                 records.append(record)
                 bar.update()
                 continue
@@ -188,29 +192,44 @@ def _run_set(gset, dtype_name, ops, impls, device, reps, copy_gbps, bar) -> list
     return records
 
 
-def _step_records(base, grads, device, reps, copy_gbps, setup, bar) -> list[dict]:
-    """The step case: clip + fused AdamW step, with the clip's overhead over the step alone."""
+def _step_records(base, grads, step_impls, device, reps, copy_gbps, setup, bar
+                  ) -> list[dict]:
+    """The step case: clip + fused AdamW step, with each clip's overhead over the step alone
+    (``step_impls`` ends with the step alone)."""
     records = []
+    compiled_too = any(impl in cases.COMPILED for impl in step_impls)
     # Weights and AdamW's two moments on top of the gradients and their saved copy.
+    too_many = compiled_too and len(grads) > _COMPILE_MAX_TENSORS
     if base["grad_bytes"] * 3 > _free_bytes(device):
-        for impl in cases.STEP_IMPLS:
+        for impl in step_impls:
             records.append(dict(base, op="step", impl=impl, skipped="not enough memory"))
             bar.update()
         return records
-    fns = cases.step_callables(grads)
-    for impl in cases.STEP_IMPLS:
+    fns = cases.step_callables(grads, compiled_too and not too_many)
+    for impl in step_impls:
         bar.set_description(f"{base['set']} {base['dtype']} step {impl}")
+        if impl not in fns:
+            records.append(dict(base, op="step", impl=impl,
+                                skipped="too many tensors to compile a graph over"))
+            bar.update()
+            continue
         stats = timing.device_time_ms(fns[impl], device, reps, setup)
         moved = cases.moved_bytes(impl, "step", grads)
         gbps = moved / (stats["median_ms"] * 1e-3) / 1e9
         records.append(dict(base, op="step", impl=impl, **stats, bytes_moved=moved, gbps=gbps,
                             copy_fraction=gbps / copy_gbps))
         bar.update()
-    alone = records[-1]["median_ms"]
-    for r in records[:-1]:
-        r["clip_overhead_ms"] = r["median_ms"] - alone
-    ours, theirs = records[0]["clip_overhead_ms"], records[1]["clip_overhead_ms"]
-    records[0]["overhead_vs_torch"] = ours / theirs if theirs > 0 else float("nan")
+    by_impl = {r["impl"]: r for r in records if "median_ms" in r}
+    alone = by_impl["optimizer-only"]["median_ms"]
+    for r in by_impl.values():
+        if r["impl"] != "optimizer-only":
+            r["clip_overhead_ms"] = r["median_ms"] - alone
+    for ours, theirs in (("tritonclip", "torch-foreach"),
+                         ("tritonclip-compile", "torch-compile")):
+        if ours in by_impl and theirs in by_impl:
+            theirs_ms = by_impl[theirs]["clip_overhead_ms"]
+            by_impl[ours]["overhead_vs_torch"] = (by_impl[ours]["clip_overhead_ms"] / theirs_ms
+                                                  if theirs_ms > 0 else float("nan"))
     del fns
     return records
 

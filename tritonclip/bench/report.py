@@ -22,6 +22,12 @@ def with_ratios(records: list[dict]) -> list[dict]:
         r["speedup_vs_torch"] = ref["median_ms"] / r["median_ms"]
         if "wall_ms_per_call" in r and "wall_ms_per_call" in ref:
             r["wall_speedup_vs_torch"] = ref["wall_ms_per_call"] / r["wall_ms_per_call"]
+    compiled = {(r["set"], r["dtype"], r["op"]): r for r in records
+                if r["impl"] == "torch-compile" and "median_ms" in r}
+    for r in records:  # compiled against compiled
+        ref = compiled.get((r["set"], r["dtype"], r["op"]))
+        if r["impl"] == "tritonclip-compile" and ref is not None and "median_ms" in r:
+            r["speedup_vs_torch_compile"] = ref["median_ms"] / r["median_ms"]
     return records
 
 
@@ -37,9 +43,10 @@ def format_table(result: dict) -> str:
             impls.append(r["impl"])
     others = [i for i in impls if i != "tritonclip"]
     header = (f"{'set':<12} {'dtype':<5} {'op':<8} {'MiB':>8} "
-              + "".join(f"{i + ' ms':>19}" for i in others)
+              + "".join(f"{i + ' ms':>22}" for i in others)
               + f"{'tritonclip ms':>15} {'speedup':>8} {'GB/s':>8} {'% copy':>7} {'wall x':>7}"
-              + f" {'clip ovh':>9}")
+              + f" {'clip ovh':>9}"
+              + (f" {'compiled x':>10}" if "tritonclip-compile" in impls else ""))
     lines += [header, "-" * len(header)]
     cases: dict[tuple, dict] = {}
     for r in result["results"]:
@@ -50,22 +57,28 @@ def format_table(result: dict) -> str:
             lines.append(f"{name:<12} {dtype:<5} {op:<8} skipped: {ours.get('skipped', '?')}")
             continue
         cells = "".join(
-            f"{by_impl[i]['median_ms']:>19.3f}" if "median_ms" in by_impl.get(i, {}) else f"{'-':>19}"
+            f"{by_impl[i]['median_ms']:>22.3f}" if "median_ms" in by_impl.get(i, {}) else f"{'-':>22}"
             for i in others
         )
         wall = ours.get("wall_speedup_vs_torch")
+        compiled = by_impl.get("tritonclip-compile", {})
         lines.append(
             f"{name:<12} {dtype:<5} {op:<8} {ours['grad_bytes'] / 2**20:>8.1f} {cells}"
             f"{ours['median_ms']:>15.3f} {ours.get('speedup_vs_torch', float('nan')):>7.2f}x "
             f"{ours['gbps']:>8.1f} {100 * ours['copy_fraction']:>6.1f}% "
             + (f"{wall:>6.2f}x" if wall is not None else f"{'':>7}")
-            + (f" {ours['overhead_vs_torch']:>8.2f}x" if "overhead_vs_torch" in ours else "")
+            + (f" {ours['overhead_vs_torch']:>8.2f}x" if "overhead_vs_torch" in ours
+               else f"{'':>10}")
+            + (f" {compiled['speedup_vs_torch_compile']:>9.2f}x"
+               if "speedup_vs_torch_compile" in compiled else "")
         )
     lines.append("speedup: torch foreach=True time / tritonclip time, same case, same run. "
                  "GB/s: bytes that must move (tritonclip.bench.cases) per second. "
                  "wall x: the same for wall time per call, host work included. "
                  "clip ovh (step): tritonclip's clip overhead over torch's, each being the time "
-                 "of clip + fused AdamW step minus the step alone.")
+                 "of clip + fused AdamW step minus the step alone. "
+                 "compiled x: torch's clip under torch.compile against tritonclip's (one "
+                 "custom op) under torch.compile, same case, same run.")
     if m["device_type"] == "cpu":
         lines.append("On a CPU, sets that fit in the caches run above memory bandwidth, and a "
                      "copy also reads its destination, so in-place passes can exceed 100%.")
