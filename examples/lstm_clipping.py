@@ -1,7 +1,7 @@
 """A small LSTM on generated sine waves, trained with a deliberately high learning rate, with
 five clipping recipes side by side: none, global norm, value, AGC and ZClip.
 
-    python examples/lstm_clipping.py                 # ~15 s on one CPU core
+    python examples/lstm_clipping.py                 # ~25 s on the 2-core CI machine
     python examples/lstm_clipping.py --steps 50 --out /tmp/lstm   # quicker
 
 Prints a table (final loss, steps with loss spikes, wall time) and writes

@@ -2,7 +2,9 @@
 # Creates .venv with tritonclip installed (editable) and its test and bench extras.
 # Where python3 already has torch and triton (a GPU machine), the venv sees them through
 # --system-site-packages and nothing installs another torch. Elsewhere it installs
-# $TORCH_SPEC (default: the CPU-tested torch==2.13.0; TORCH_SPEC=torch takes the newest).
+# $TORCH_SPEC (default: the CPU-tested torch==2.13.0; TORCH_SPEC=torch takes the newest), from
+# $TORCH_INDEX_URL when set (https://download.pytorch.org/whl/cpu: the CPU build; the default
+# package index serves the multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -25,7 +27,7 @@ if "$PYTHON" -c "import torch, triton" >/dev/null 2>&1; then
   fi
 else
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$TORCH_SPEC"
+  "$VENV/bin/pip" install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
   "$VENV/bin/pip" install --quiet -e ".[test,bench]"
 fi
 touch "$stamp"

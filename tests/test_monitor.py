@@ -132,3 +132,19 @@ def test_to_dict_moves_the_records_to_the_host_once():
     assert second["top_k"][:3] == first["top_k"] and second["summary"]["steps"] == 4
     with pytest.raises(RuntimeError, match="to_dict"):
         monitor.annotate(threshold=2.0)  # the last step is already on the host
+
+
+def test_wrong_argument_types_get_short_clear_errors():
+    model = torch.nn.Linear(300, 300)
+    with pytest.raises(TypeError, match=r"not model.parameters\(\)") as error:
+        tritonclip.GradNormMonitor(model.parameters())
+    assert len(str(error.value)) < 300  # not the tensor's values
+    with pytest.raises(TypeError, match="Module or an iterable"):
+        tritonclip.GradNormMonitor(5)
+    with pytest.raises(TypeError, match=r"\(name, Tensor\) pair, got str"):
+        tritonclip.GradNormMonitor(["weight"])
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        tritonclip.GradNormMonitor(model, top_k="3")
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        tritonclip.GradNormMonitor(model, top_k=-1)
+    tritonclip.GradNormMonitor(model.named_parameters(), top_k=0)  # control: accepted

@@ -46,14 +46,26 @@ class GradNormMonitor:
                  eps: float = 1e-6, backend: str | None = None):
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
-        pairs = list(named_parameters)
+        try:
+            pairs = list(named_parameters)
+        except TypeError:
+            raise TypeError(f"named_parameters must be a Module or an iterable of (name, Tensor) "
+                            f"pairs, got {type(named_parameters).__name__}: "
+                            f"{_core._short(named_parameters)}") from None
         for index, pair in enumerate(pairs):
+            if isinstance(pair, torch.Tensor):
+                raise TypeError(
+                    f"named_parameters[{index}] is a Tensor of shape {tuple(pair.shape)}, not a "
+                    "(name, Tensor) pair: pass the module itself or model.named_parameters(), "
+                    "not model.parameters()")
             if (not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str)
                     or not isinstance(pair[1], torch.Tensor)):
                 raise TypeError(f"named_parameters[{index}] must be a (name, Tensor) pair, got "
-                                f"{pair!r:.80}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+                                f"{type(pair).__name__}: {_core._short(pair)}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int, got {type(top_k).__name__}: {top_k!r}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
         self.top_k = top_k

@@ -171,8 +171,9 @@ def normalize_(grads: list[torch.Tensor]) -> None:
 
 def restorer(op: str, grads: list[torch.Tensor]):
     """The untimed step before each call: None, or (for the ops that scale: "active", "amp",
-    "step", "per_tensor", "agc") a copy back of the normalized gradients. Other cases leave the gradients in a steady state: inactive and
-    norm do not change them, and a clamp moves the same bytes on every call."""
+    "step", "per_tensor", "agc") a copy back of the normalized gradients. Other cases leave
+    the gradients in a steady state: inactive and norm do not change them, and a clamp moves
+    the same bytes on every call."""
     if op not in ("active", "amp", "step", "per_tensor", "agc"):
         return None
     saved = [g.clone() for g in grads]

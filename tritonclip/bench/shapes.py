@@ -48,12 +48,28 @@ def lstm_2layer(inputs: int = 512, hidden: int = 1024, vocab: int = 10000) -> li
     return shapes + [(vocab, hidden), (vocab,)]
 
 
+def resnet18(classes: int = 1000) -> list[tuple[int, ...]]:
+    """ResNet-18 (torchvision layout: convolutions without bias, batch norms' weight and bias):
+    62 tensors, 11.7M elements, from 64-element norms to 2.4M-element convolutions."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    width = 64
+    for stage, out in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            downsample = block == 0 and stage > 0
+            shapes += [(out, width, 3, 3), (out,), (out,), (out, out, 3, 3), (out,), (out,)]
+            if downsample:
+                shapes += [(out, width, 1, 1), (out,), (out,)]
+            width = out
+    return shapes + [(classes, 512), (classes,)]
+
+
 MODELS = {
     "gpt2-small": gpt2_small,
     "llama-block": llama_block,
     "llama-7b": llama_7b,
     "vit-b16": vit_b16,
     "lstm-2layer": lstm_2layer,
+    "resnet18": resnet18,
 }
 
 
