@@ -85,6 +85,27 @@ def test_sharded_norm_over_a_process_group(world, backend_name):
     spawn.run(_worker, world, backend_name)
 
 
+def _fails_on_rank_1(rank, world):
+    assert rank != 1, "rank 1's own assertion"
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for rank 1, which has failed
+
+
+def _sums_over_the_group(rank, world):
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    assert total.item() == world
+
+
+def test_negative_control_a_rank_failure_fails_the_test_with_its_traceback():
+    # The harness (tests/spawn.py) cannot swallow a failure: a body failing on one rank fails
+    # the test, naming the body and quoting that rank's own assertion; the ranks that the next
+    # test gets are fresh ones that work.
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"(?s)_fails_on_rank_1.*failed on rank.*rank 1's own assertion"):
+        spawn.run(_fails_on_rank_1, 2)
+    spawn.run(_sums_over_the_group, 2)
+
+
 def test_process_group_argument_checked_before_any_change():
     import tritonclip
     from helpers import params_with

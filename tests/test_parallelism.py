@@ -345,28 +345,24 @@ def _fsdp2_times_pipeline(rank, world, backend):
         assert counter.calls == 2  # dp, then pp
 
 
-def _two_ranks(rank, world, backend):
-    for body in (_one_dimensional_mesh, _fsdp2, _fsdp1, _ddp_bucket_views,
-                 _tensor_parallel_duplicates, _pipeline_stages):
-        body(rank, world, backend)
+BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]
 
 
-def _four_ranks(rank, world, backend):
-    for body in (_two_dimensional_mesh, _fsdp2_times_tensor_parallel, _fsdp2_times_pipeline,
-                 _one_dimensional_mesh):
-        body(rank, world, backend)
+# One test per body: the ranks are shared (tests/spawn.py), so a body costs no process start.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("body", [_one_dimensional_mesh, _fsdp2, _fsdp1, _ddp_bucket_views,
+                                  _tensor_parallel_duplicates, _pipeline_stages],
+                         ids=lambda body: body.__name__.strip("_"))
+def test_two_ranks(body, backend):
+    spawn.run(body, 2, backend)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter),
-                                     "torch"])
-def test_two_ranks(backend):
-    spawn.run(_two_ranks, 2, backend)
-
-
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter),
-                                     "torch"])
-def test_four_ranks(backend):
-    spawn.run(_four_ranks, 4, backend)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("body", [_two_dimensional_mesh, _fsdp2_times_tensor_parallel,
+                                  _fsdp2_times_pipeline, _one_dimensional_mesh],
+                         ids=lambda body: body.__name__.strip("_"))
+def test_four_ranks(body, backend):
+    spawn.run(body, 4, backend)
 
 
 def test_norm_filter_and_per_tensor_are_checked():

@@ -6,7 +6,7 @@ gradients it writes (``mutates_args``). Dynamo traces only the public function's
 checks (constants, folded at trace time) and the collection of ``.grad``s; the op's
 implementation is the eager code, so host-side planning (layouts, launch plans, the cache)
 runs behind the op boundary, at run time, as in eager mode, and the results are the eager
-results bit for bit.
+results (bit for bit on gradients at the same addresses; inductor runs the op in place).
 
 Registered as ``custom_op`` rather than ``triton_op``: the kernels' launch plans are built
 and cached on the host from the tensors' addresses, which the compiler must not see through.

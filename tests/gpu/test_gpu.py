@@ -178,12 +178,12 @@ def test_nccl_single_rank_smoke():
 
     import torch.distributed as dist
 
-    from spawn import free_port
+    from spawn import HANG_GUARD_S, free_port
 
     if not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1, timeout=datetime.timedelta(seconds=60))
+                            world_size=1, timeout=datetime.timedelta(seconds=HANG_GUARD_S))
     try:
         grads = random_grads([4097, 1 << 20, 63], torch.bfloat16, device="cuda", seed=3)
         before = [g.clone() for g in grads]
