@@ -6,7 +6,7 @@ gradients), fewer passes over memory.
 ``error_clip`` clips the gradient flowing back through chosen activations (RNN steps).
 Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
 a fused optimizer step), ``attach`` (clipping attached to an optimizer), ``adaptive`` (AGC,
-AutoClip, ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history),
+AutoClip, ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history), ``overlap`` (the norm taken during backward),
 ``distributed`` (norms over process groups), ``reference`` and ``reference_adaptive`` (float64
 formulas), ``bench`` (the benchmark CLI).
 """
@@ -36,12 +36,13 @@ def _kernels_from_checkout() -> None:
 if _importlib_util.find_spec(f"{__name__}.kernels") is None:
     _kernels_from_checkout()
 
-from . import adaptive, amp, distributed, monitor, optim, reference  # noqa: E402
+from . import adaptive, amp, distributed, monitor, optim, overlap, reference  # noqa: E402
 from .adaptive import AutoClip, ZClip, clip_grad_agc_  # noqa: E402
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm  # noqa: E402
 from .error_clip import ClipCounter, ErrorClip, ErrorClipHandle, error_clip, register_error_clip  # noqa: E402
 from .monitor import GradNormMonitor  # noqa: E402
 from ._attach import ClipHandle, attach  # noqa: E402
+from .overlap import OverlapNorm, overlap_norm  # noqa: E402
 from .per_tensor import clip_grad_norm_per_tensor_  # noqa: E402
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "ErrorClip",
     "ErrorClipHandle",
     "GradNormMonitor",
+    "OverlapNorm",
     "ZClip",
     "adaptive",
     "amp",
@@ -67,6 +69,8 @@ __all__ = [
     "get_total_norm",
     "monitor",
     "optim",
+    "overlap",
+    "overlap_norm",
     "reference",
     "register_error_clip",
 ]

@@ -8,10 +8,11 @@ import numbers
 
 import torch
 
-from . import _core, _normmath
+from . import _core, _normmath, amp
 from .adaptive import clip_grad_agc_
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
-from .optim import MARKER, clip_into_, folds_into
+from .optim import MARKER, can_fold, clip_into_, fold_, folds_into
+from .overlap import OverlapNorm, overlap_norm
 from .per_tensor import clip_grad_norm_per_tensor_
 
 __all__ = ["ClipHandle", "attach"]
@@ -62,6 +63,8 @@ def attach(
     fold: bool = True,
     foreach: bool | None = None,
     backend: str | None = None,
+    overlap: torch.nn.Module | OverlapNorm | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> "ClipHandle":
     r"""Clip the gradients of ``optimizer``'s parameters at the start of every
     ``optimizer.step()`` (a step pre-hook), so that training code calls nothing else.
@@ -101,6 +104,14 @@ def attach(
     ``scaler.step(optimizer)`` (as for any clipping); for a fused optimizer the hook raises
     ``RuntimeError`` if the gradients are still scaled when the step starts.
 
+    With ``overlap=model`` (or an :func:`tritonclip.overlap_norm` handle, for process
+    groups and filters), the ``max_norm`` clip takes its norm from partial norms computed
+    while backward runs (see :func:`tritonclip.overlap_norm`): the step pays a tiny finalize,
+    and the scale is folded into a fused optimizer or done in one pass. It takes ``max_norm``
+    and the skip options only, orders > 0, and the model's trainable parameters must be the
+    optimizer's. With a GradScaler pass it as ``scaler=`` (the hooks see scaled gradients),
+    and call ``scaler.step(optimizer)`` as usual.
+
     Args:
         optimizer (torch.optim.Optimizer): the optimizer to attach to (once).
         max_norm (float, optional): global norm threshold.
@@ -117,6 +128,9 @@ def attach(
             and its threshold and coefficient.
         fold (bool): fold a plain ``max_norm`` into fused optimizers. Default: True
         foreach, backend: as in :func:`tritonclip.clip_grad_norm_`.
+        overlap (nn.Module or OverlapNorm, optional): take the norm during backward.
+        scaler (torch.amp.GradScaler, optional): with ``overlap``, the scaler of the
+            gradients.
 
     Returns:
         A :class:`ClipHandle` (``last_norm``, ``last_skipped``, ``state_dict()``,
@@ -165,7 +179,57 @@ def attach(
             or any(k in g for g in optimizer.param_groups for k in _GROUP_KEYS)):
         raise ValueError("attach needs something to do: max_norm, clip_value, "
                          "per_tensor_norm, agc, adaptive, skip_nonfinite or skip_above")
-    return ClipHandle(optimizer, config, adaptive, monitor)
+    if overlap is not None:
+        overlap = _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler)
+    elif scaler is not None:
+        raise ValueError("scaler= is for overlap=; without it, call scaler.unscale_(optimizer) "
+                         "before scaler.step(optimizer)")
+    return ClipHandle(optimizer, config, adaptive, monitor, overlap, scaler)
+
+
+def _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler) -> OverlapNorm:
+    """The OverlapNorm of ``attach(overlap=...)``, after checking what it cannot do."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("overlap takes the norm during backward, but LBFGS recomputes the "
+                        "gradients inside its step (a closure)")
+    if config["max_norm"] is None:
+        raise ValueError("overlap computes the norm of a max_norm clip: give max_norm")
+    others = [k for k in ("clip_value", "per_tensor_norm", "agc") if config[k] is not None]
+    others += [f"param_groups[..][{k!r}]" for k in _GROUP_KEYS
+               if any(k in g for g in optimizer.param_groups)]
+    if adaptive is not None or monitor is not None or others:
+        names = others + ["adaptive"] * (adaptive is not None) + ["monitor"] * (monitor is not None)
+        raise ValueError(f"overlap does one global max_norm clip; it does not take "
+                         f"{', '.join(names)}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if scaler is not None and not amp.fuses(scaler):
+        raise ValueError(f"overlap reads the state of torch.amp.GradScaler; "
+                         f"{type(scaler).__name__} overrides unscale_")
+    if isinstance(overlap, OverlapNorm):
+        handle = overlap
+        if handle.norm_type != config["norm_type"]:
+            raise ValueError(f"the overlap handle takes norm_type {handle.norm_type!r}, "
+                             f"attach {config['norm_type']!r}")
+    elif isinstance(overlap, torch.nn.Module):
+        handle = None
+        params = [p for p in overlap.parameters() if p.requires_grad]
+    else:
+        raise TypeError(f"overlap must be an nn.Module or an OverlapNorm, got "
+                        f"{type(overlap).__name__}")
+    params = handle.parameters if handle is not None else params
+    theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    ours = {id(p) for p in params}
+    if ours != theirs:
+        raise ValueError(
+            f"overlap's model and the optimizer hold different parameters ({len(ours - theirs)} "
+            f"trainable ones of the model are not the optimizer's, {len(theirs - ours)} of the "
+            "optimizer's are not the model's): the norm would not be the optimizer's"
+        )
+    if handle is None:
+        handle = overlap_norm(overlap, config["norm_type"], foreach=config["foreach"],
+                              backend=config["backend"])
+    return handle
 
 
 class ClipHandle:
@@ -180,8 +244,10 @@ class ClipHandle:
         steps (int): steps seen.
     """
 
-    def __init__(self, optimizer, config, adaptive, monitor):
+    def __init__(self, optimizer, config, adaptive, monitor, overlap=None, scaler=None):
         self.optimizer = optimizer
+        self.overlap = overlap
+        self.scaler = scaler
         self.config = config
         self.adaptive = adaptive
         self.monitor = monitor
@@ -200,6 +266,8 @@ class ClipHandle:
         self._pre.remove()
         self._post.remove()
         self._restore()
+        if self.overlap is not None:
+            self.overlap.remove()
         if getattr(self.optimizer, _ATTACHED, None) is self:
             delattr(self.optimizer, _ATTACHED)
 
@@ -225,6 +293,11 @@ class ClipHandle:
                 "closure, which recomputes the gradients inside the step (LBFGS): clip "
                 "inside the closure instead (e.g. tritonclip.clip_grad_norm_ after backward)"
             )
+        if self.overlap is not None:
+            self.steps += 1
+            self.last_norm = total = self._overlap_clip(optimizer)
+            self._skip(optimizer, total)
+            return None
         self._check_unscaled(optimizer)
         _check_groups(optimizer)
         cfg = self.config
@@ -304,6 +377,28 @@ class ClipHandle:
                               foreach=cfg["foreach"], backend=cfg["backend"])
         return clip_grad_norm_(default, cfg["max_norm"], cfg["norm_type"], eps=cfg["eps"],
                                foreach=cfg["foreach"], backend=cfg["backend"])
+
+    def _overlap_clip(self, optimizer) -> torch.Tensor:
+        cfg = self.config
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        fold = cfg["fold"] and can_fold(optimizer, scaler)
+        if scaler is None:
+            if hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"):
+                raise RuntimeError("a GradScaler drives this step, but attach(overlap=...) "
+                                   "was not given it: pass scaler= to attach (the norm taken "
+                                   "during backward is of the scaled gradients)")
+            return self.overlap.clip_(cfg["max_norm"], optimizer if fold else None,
+                                      eps=cfg["eps"])
+        # Inside scaler.step: a fused step gets grad_scale (and found_inf) from the scaler,
+        # the gradients still scaled; any other step runs after scaler.unscale_.
+        scaled = getattr(optimizer, "grad_scale", None)
+        total = self.overlap._unscaled_total(scaler, unscaled_since=scaled is None)
+        coef = _normmath.clip_coefficient(total, cfg["max_norm"], cfg["eps"], False)
+        if fold:
+            fold_(optimizer, coef, scaled if scaled is not None else coef.new_ones(()))
+        else:
+            self.overlap._scale_(coef)
+        return total
 
     def _per_tensor(self, params, value):
         cfg = self.config

@@ -556,7 +556,7 @@ class PreparedGrads:
         if len(items) == 1 and not items[0][0]:
             power, nan, inf = items[0][1:]
         else:
-            power, nan, inf = _reduce_sets(items, norm_type, self.device)
+            power, nan, inf = reduce_sets(items, norm_type, self.device)
         total = _normmath.finish(power, nan, inf, norm_type, self.dtype)
         if inv_scale is None:
             return total, _normmath.clip_coefficient(total, max_norm, eps, skip_nonfinite), None
@@ -584,6 +584,12 @@ class PreparedGrads:
                                        for g in groups], math.inf, self.device, dtype)
         return power, torch.isnan(probe), torch.isinf(probe)
 
+    def local_power(self, norm_type: float, foreach: bool | None) -> torch.Tensor:
+        """The power form of this rank's gradients, nothing reduced across ranks: a 0-dim
+        tensor on ``device`` (float32; float64 when a group accumulates in float64). For
+        orders p > 0, which show a NaN or inf gradient by themselves."""
+        return self._local_power(self.sets[0], norm_type, foreach, None)[0]
+
     def coefficient(self, total: torch.Tensor, max_norm, eps: float,
                     skip_nonfinite: bool = False) -> torch.Tensor:
         """The clip coefficient of a given ``total`` (``_normmath.clip_coefficient``)."""
@@ -603,7 +609,7 @@ class PreparedGrads:
             group.backend.clamp_(group, self.tensors, lo, hi, foreach)
 
 
-def _reduce_sets(items, norm_type, device):
+def reduce_sets(items, norm_type, device):
     """Combine ``(groups, power, nan, inf)`` items, all-reducing each over its groups in order.
 
     Items with the same remaining groups are combined before reducing, and the item with the

@@ -10,7 +10,7 @@ while the scaling, being linear, applies to the addends in place.
 
 Gradients are gathered into *norm sets*: the plain tensors, and one set per (mesh, sharded
 mesh dimensions) of the DTensors. Each set carries the groups it is reduced over, in order;
-the core (``_core._reduce_sets``) reduces them with as few all-reduces as the sets allow.
+the core (``_core.reduce_sets``) reduces them with as few all-reduces as the sets allow.
 """
 
 from __future__ import annotations

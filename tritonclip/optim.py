@@ -15,7 +15,7 @@ import torch
 from . import _compile, _core, amp
 from .clip_grad import clip_grad_norm_
 
-__all__ = ["clip_into_", "folds_into"]
+__all__ = ["can_fold", "clip_into_", "fold_", "folds_into"]
 
 _HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -87,8 +87,7 @@ def clip_into_(
     scaling = scaler is not None and scaler.is_enabled()
     _clear_stale(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not folds_into(optimizer) or (scaling and not (_scaler_keeps_grad_scale()
-                                                      and amp.fuses(scaler))):
+    if not can_fold(optimizer, scaler if scaling else None):
         extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
         if scaling:
             return amp.unscale_and_clip_(scaler, optimizer, max_norm, norm_type, **extras)
@@ -106,16 +105,33 @@ def clip_into_(
         total, _, found_inf = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps,
                                                          skip, inv_scale)
         _core.check_nonfinite(total, mode, norm_type)
-        coef = grads.coefficient(total, max_norm, eps, skip)
-        # scaler.step hands grad_scale to the fused step, then deletes it
-        optimizer.grad_scale = (_core.move(scale, grads.device).float() / coef).float()
+        fold_(optimizer, grads.coefficient(total, max_norm, eps, skip), scale)
         amp.end_unscale(scaler, state, found_inf, _core.grads_of(params))
     else:
         total, coef, _ = grads.norm_and_coefficient(norm_type, foreach, max_norm, eps, skip)
         _core.check_nonfinite(total, mode, norm_type)
+        fold_(optimizer, coef)
+    return total
+
+
+def can_fold(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
+    """Whether a clip coefficient can be folded into ``optimizer``'s next step (with the
+    unscale of an enabled ``scaler``, when one is given)."""
+    return folds_into(optimizer) and (scaler is None or (_scaler_keeps_grad_scale()
+                                                         and amp.fuses(scaler)))
+
+
+def fold_(optimizer: torch.optim.Optimizer, coef: torch.Tensor,
+          scale: torch.Tensor | None = None) -> None:
+    """Hand the clip coefficient ``coef`` (a device tensor) to ``optimizer``'s next fused step
+    as ``grad_scale = 1 / coef``, removed after that step; with a GradScaler's ``scale``
+    (gradients still scaled), ``grad_scale = scale / coef``, which ``scaler.step`` hands to
+    the step and then deletes. (Check :func:`can_fold` first.)"""
+    if scale is None:
         optimizer.grad_scale = coef.float().reciprocal()
         _remove_after_step(optimizer)
-    return total
+    else:
+        optimizer.grad_scale = (_core.move(scale, coef.device).float() / coef).float()
 
 
 def _remove_after_step(optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,559 @@
+"""Global-norm clipping whose norm is computed while backward runs.
+
+A clip after backward reads every gradient once for the norm before the optimizer reads them
+again. Each gradient is final at a known moment of backward, though: when autograd has
+accumulated it (one process, FSDP2's sharded gradients), when its DDP bucket has been
+all-reduced, or when its FSDP1 flat parameter has been reduce-scattered. :func:`overlap_norm`
+hooks those moments and computes the partial norms there, while the device is still busy
+with the backward of earlier layers; what is left at the step is a tiny finalize (combine the
+partials, one all-reduce per chain of process groups, the coefficient on the device), and the
+scale either folded into a fused optimizer step or done in one pass.
+
+How partial norms are kept: every *source* (a chunk of parameters, a DDP bucket, an FSDP1
+flat parameter) writes the power form of its gradients (see ``_normmath``) into its own slot
+of a device buffer, overwriting what an earlier backward wrote there. A gradient accumulated
+over micro-batches is therefore counted as the final sum; micro-batches that do not
+synchronise (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``, FSDP1 ``no_sync``)
+write nothing until the backward that does. The finalize sums the slots and zeroes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+
+import torch
+
+from . import _core, _normmath, _sharding, amp, distributed
+from .optim import can_fold, fold_
+
+__all__ = ["OverlapNorm", "overlap_norm"]
+
+# A chunk is the unit of one multi-tensor launch in a hook: consecutive parameters (in reverse
+# registration order, the order backward makes their gradients ready) up to this many, or
+# this many elements. Fewer, larger chunks mean fewer launches during backward; smaller ones a
+# shorter read after the last gradient is ready. Not yet tuned on a GPU (issue 16).
+CHUNK_PARAMETERS = 32
+CHUNK_ELEMENTS = 1 << 22
+
+_REGISTERED = "_tritonclip_overlap_norm"
+
+
+def overlap_norm(
+    module: torch.nn.Module,
+    norm_type: float | str = 2.0,
+    *,
+    process_group=None,
+    norm_filter=None,
+    comm_hook=None,
+    comm_state=None,
+    foreach: bool | None = None,
+    backend: str | None = None,
+) -> "OverlapNorm":
+    r"""Compute the total norm of ``module``'s gradients while backward runs.
+
+    Registers hooks on ``module`` once; after each backward, :meth:`OverlapNorm.clip_` clips
+    the gradients (folded into a fused optimizer's step where it can) and
+    :meth:`OverlapNorm.total_norm` returns the norm, both without reading the gradients
+    again and without a host synchronisation. The norm is that of
+    :func:`tritonclip.clip_grad_norm_` over the module's trainable parameters with the same
+    ``process_group`` and ``norm_filter``, to float32 rounding.
+
+    Where the partial norms are taken:
+
+    - a plain module (one process, or tensor parallel with DTensor parameters): a
+      post-accumulate-grad hook on every parameter; a chunk of up to
+      :data:`CHUNK_PARAMETERS` parameters is measured in one launch once all of its
+      gradients are ready;
+    - ``DistributedDataParallel``: a communication hook that measures each bucket after its
+      all-reduce (``comm_hook``/``comm_state``: a DDP hook of yours to run first, e.g.
+      ``fp16_compress_hook``; default: DDP's all-reduce). The gradients are replicated, so
+      the norm needs no all-reduce of its own;
+    - FSDP2 (``fully_shard``): the post-accumulate-grad hooks FSDP2 runs on the sharded
+      gradients after each reduce-scatter; the norm is all-reduced over the meshes at the end;
+    - ``FullyShardedDataParallel`` (FSDP1, not hybrid): a communication hook that measures
+      each flat parameter's shard after its reduce-scatter (``comm_hook``/``comm_state``: an
+      FSDP hook of yours to run instead of FSDP's default).
+
+    Gradient accumulation: the norm is that of the gradients as the last backward left them
+    (a source measured twice keeps the second value). Under DDP and FSDP, micro-batches that
+    do not synchronise are not measured; the synchronising one measures the accumulated sum.
+    FSDP1 is the exception: it adds each reduce-scatter to the sharded gradient left from
+    before, after the hook has measured it, so under FSDP1 accumulate inside ``no_sync()``
+    (the sum is then reduced, and measured, once), as FSDP1 recommends anyway; two
+    synchronising backward passes in one step are not detected there.
+
+    Gradients changed after backward: for a plain module and FSDP2, a gradient that is
+    replaced, modified in place (its version counter moved), set to None, or never measured
+    (an unused parameter with a stale gradient) is measured again at the finalize, so the norm
+    is always that of the current gradients. Under DDP and FSDP1 the buckets and shards are
+    measured as the communication produced them; a change made after backward is not seen.
+
+    Args:
+        module (nn.Module): the model (DDP, FSDP1 and FSDP2 models are recognised).
+        norm_type (float or str): the order, > 0 (``'inf'`` included). Default: 2.0
+        process_group, norm_filter: as in :func:`tritonclip.clip_grad_norm_` (e.g. the
+            pipeline group, ``(parameters, group)`` pairs for experts, Megatron's filter);
+            not with FSDP1 (but its own process group).
+        comm_hook, comm_state: see above (DDP and FSDP1 only).
+        foreach, backend: as in :func:`tritonclip.clip_grad_norm_`.
+
+    Returns:
+        An :class:`OverlapNorm` handle.
+
+    Raises:
+        TypeError, ValueError: bad arguments; RuntimeError: hooks already registered on the
+        module, or a DDP/FSDP1 communication hook already registered. Nothing is registered
+        when it raises.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    norm_type = _core.norm_type_value(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"overlap_norm takes an order > 0 (a sum of powers or a max, which "
+                         f"partial norms combine into), got norm_type={norm_type!r}")
+    if norm_filter is not None and not callable(norm_filter):
+        raise TypeError(f"norm_filter must be a callable taking a tensor, got {norm_filter!r}")
+    if (comm_hook is None) != (comm_state is None) and comm_hook is None:
+        raise ValueError("comm_state is given without a comm_hook")
+    if comm_hook is not None and not callable(comm_hook):
+        raise TypeError(f"comm_hook must be callable, got {comm_hook!r}")
+    if getattr(module, _REGISTERED, None) is not None:
+        raise RuntimeError("overlap_norm is already registered on this module; remove() the "
+                           "handle first")
+    return OverlapNorm(module, norm_type, process_group, norm_filter, comm_hook, comm_state,
+                       _core.foreach_value(foreach), _core.backend_name(backend))
+
+
+def _kind(module: torch.nn.Module) -> str:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return "ddp"
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(module, FullyShardedDataParallel):
+            return "fsdp1"
+    return "hooks"
+
+
+class _Chunk:
+    """Parameters measured together in a hook; ``arrived`` counts their gradients ready since
+    the last measurement; ``measured`` holds (weak gradient, version) pairs of the last
+    measurement in this round, None when it has not been measured in this round."""
+
+    __slots__ = ("index", "key", "params", "arrived", "measured")
+
+    def __init__(self, index: int, key: int, params: list[torch.Tensor]):
+        self.index, self.key, self.params = index, key, params
+        self.arrived: set[int] = set()
+        self.measured: list | None = None
+
+    def unchanged(self) -> bool:
+        """Whether every gradient is the one measured, not modified since."""
+        for p, (ref, version) in zip(self.params, self.measured):
+            g = p.grad
+            if ref is None:
+                if g is not None:
+                    return False
+            elif g is None or g is not ref() or g._version != version:
+                return False
+        return True
+
+
+class OverlapNorm:
+    """What :func:`overlap_norm` returns: the hooks of one module and the partial norms of
+    the current backward.
+
+    Attributes:
+        last_norm (Tensor or None): the norm of the last finalize (0-dim, on the device).
+        parameters (list[Tensor]): the trainable parameters covered, in module order.
+    """
+
+    def __init__(self, module, norm_type, process_group, norm_filter, comm_hook, comm_state,
+                 foreach, backend):
+        self.module = module
+        self.norm_type = norm_type
+        self.foreach = foreach
+        self.backend = backend
+        self.kind = _kind(module)
+        self.parameters = [p for p in module.parameters() if p.requires_grad]
+        self.last_norm: torch.Tensor | None = None
+        self._active = True
+        self._handles: list = []
+        if not self.parameters:
+            raise ValueError("module has no parameter that requires a gradient")
+        chain = None
+        if self.kind == "fsdp1":
+            if norm_filter is not None or isinstance(process_group, (list, tuple)):
+                raise ValueError("overlap_norm on FSDP1 takes no norm_filter and no "
+                                 "(parameters, group) pairs: its flat parameters mix many")
+            chain = self._fsdp1_chain(process_group)
+        self._key_of, self._groups = _keys(self.parameters, process_group, norm_filter, chain)
+        first = _sharding.DTensor is not None and isinstance(self.parameters[0],
+                                                              _sharding.DTensor)
+        local = self.parameters[0].to_local() if first else self.parameters[0]
+        self.device = local.device
+        self.dtype = _normmath.result_dtype(p.dtype for p in self.parameters)
+        slot_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        sources = self._register(comm_hook, comm_state)
+        self._slots = [torch.zeros(sources, dtype=slot_dtype, device=self.device)
+                       for _ in self._groups]
+        self._arrivals = 0  # sources measured since the last finalize (DDP, FSDP1)
+        setattr(module, _REGISTERED, self)
+
+    # -- registration ---------------------------------------------------------------------
+    def _register(self, comm_hook, comm_state) -> int:
+        """Register the hooks; the number of sources (slots per key)."""
+        if self.kind == "ddp":
+            return self._register_ddp(comm_hook, comm_state)
+        if self.kind == "fsdp1":
+            return self._register_fsdp1(comm_hook, comm_state)
+        if comm_hook is not None:
+            raise ValueError("comm_hook is for DistributedDataParallel and FSDP1 modules; this "
+                             f"is a {type(self.module).__name__}")
+        self._chunks = _chunks(self.parameters, self._key_of)
+        for chunk in self._chunks:
+            for position, p in enumerate(chunk.params):
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    functools.partial(self._gradient_ready, chunk, position)))
+        return len(self._chunks)
+
+    def _register_ddp(self, comm_hook, comm_state) -> int:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if comm_hook is None:
+            comm_hook, comm_state = default_hooks.allreduce_hook, self.module.process_group
+        # buckets hold whole parameters: at most one bucket per parameter
+        self._param_keys = {id(p): self._key_of[i] for i, p in enumerate(self.parameters)}
+
+        def hook(state, bucket):
+            future = comm_hook(state, bucket)
+            if not self._active:
+                return future
+            return future.then(functools.partial(self._bucket_ready, bucket))
+
+        try:
+            self.module.register_comm_hook(comm_state, hook)
+        except RuntimeError as error:
+            raise RuntimeError(f"overlap_norm registers DDP's communication hook and DDP "
+                               f"takes one: pass yours as comm_hook= instead ({error})") from None
+        return len(self.parameters)
+
+    def _fsdp1_chain(self, process_group) -> tuple:
+        from torch.distributed.fsdp import ShardingStrategy
+
+        strategy = self.module.sharding_strategy
+        if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
+                            ShardingStrategy.NO_SHARD):
+            raise ValueError(f"overlap_norm supports FSDP1's FULL_SHARD, SHARD_GRAD_OP and "
+                             f"NO_SHARD, not {strategy.name} (FSDP1 takes no communication "
+                             "hook there)")
+        self._sharded = strategy is not ShardingStrategy.NO_SHARD
+        distributed.check_process_group(process_group)
+        chain = (self.module.process_group,) if self._sharded else ()
+        return chain + ((process_group,) if process_group is not None else ())
+
+    def _register_fsdp1(self, comm_hook, comm_state) -> int:
+        from torch.distributed.algorithms._comm_hooks import default_hooks
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if comm_hook is None:
+            comm_state = default_hooks.DefaultState(self.module.process_group)
+            comm_hook = (default_hooks.reduce_scatter_hook if self._sharded
+                         else default_hooks.allreduce_hook)
+
+        def hook(state, grad, output=None):
+            if output is None:
+                comm_hook(state, grad)
+            else:
+                comm_hook(state, grad, output)
+            if self._active:
+                self._flat_ready(grad if output is None else output)
+
+        self.module.register_comm_hook(comm_state, hook)
+        return len(FullyShardedDataParallel.fsdp_modules(self.module))
+
+    def remove(self) -> None:
+        """Unregister the hooks. (A DDP or FSDP1 communication hook cannot be unregistered:
+        it keeps running the communication, and measures nothing more.)"""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._active = False
+        if getattr(self.module, _REGISTERED, None) is self:
+            delattr(self.module, _REGISTERED)
+
+    # -- hooks ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _gradient_ready(self, chunk: _Chunk, position: int, param) -> None:
+        chunk.arrived.add(position)
+        if len(chunk.arrived) == len(chunk.params):
+            self._measure(chunk)
+
+    def _measure(self, chunk: _Chunk) -> None:
+        grads = [p.grad for p in chunk.params]
+        chunk.measured = [(None, 0) if g is None else (weakref.ref(g), g._version)
+                          for g in grads]
+        chunk.arrived = set()
+        self._write(chunk.key, chunk.index, [g for g in grads if g is not None])
+
+    @torch.no_grad()
+    def _bucket_ready(self, bucket, future):
+        reduced = future.value()
+        reduced = reduced[0] if isinstance(reduced, (list, tuple)) else reduced
+        params = bucket.parameters()
+        keys = [self._param_keys[id(p)] for p in params]
+        if len(set(keys)) == 1 and keys[0] is not None:  # (no filter: the whole bucket)
+            self._write(keys[0], bucket.index(), [reduced])
+        else:
+            by_key: dict[int, list] = {}
+            offset = 0
+            for p, key in zip(params, keys):
+                if key is not None:
+                    by_key.setdefault(key, []).append(reduced[offset:offset + p.numel()])
+                offset += p.numel()
+            for key, views in by_key.items():
+                self._write(key, bucket.index(), views)
+        self._arrivals += 1
+        return reduced
+
+    @torch.no_grad()
+    def _flat_ready(self, shard: torch.Tensor) -> None:
+        # (flat parameters are reduced in the same order by every backward: a backward whose
+        # step was skipped, e.g. by a GradScaler, is overwritten by the next one)
+        self._write(0, self._arrivals % self._slots[0].numel(), [shard])
+        self._arrivals += 1
+
+    def _write(self, key: int, index: int, grads: list[torch.Tensor]) -> None:
+        slot = self._slots[key][index]
+        if not grads:
+            slot.zero_()
+            return
+        slot.copy_(self._power(grads))
+
+    def _power(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        local = _core._local(grads, "gradients")
+        return _core.prepare(local, self.backend, "read", parameters=False).local_power(
+            self.norm_type, self.foreach)
+
+    # -- finalize -------------------------------------------------------------------------
+    @torch.no_grad()
+    def total_norm(self, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+        """Finalize the partial norms of this backward: the total norm, a 0-dim tensor on the
+        device (float32; float64 when a float64 parameter takes part). No host
+        synchronisation. With an enabled GradScaler, the norm of the unscaled gradients
+        (the hooks saw scaled ones). Call once per step: it starts the next round.
+
+        Raises:
+            RuntimeError: under DDP or FSDP1, when no backward has synchronised since the
+                last finalize.
+        """
+        self.last_norm = total = self._unscaled_total(scaler)
+        return total
+
+    def _unscaled_total(self, scaler, unscaled_since: bool = False) -> torch.Tensor:
+        """The total norm, unscaled by an enabled ``scaler``; ``unscaled_since``: the scaler
+        has unscaled the gradients since backward (what is measured late is unscaled)."""
+        if scaler is None or not scaler.is_enabled():
+            return self._finish()
+        if scaler._scale is None:
+            raise RuntimeError("the scaler has no scale yet: call scaler.scale(loss) first")
+        scale = _core.move(scaler._scale, self.device, torch.float64)
+        total = self._finish(scale if unscaled_since else None)
+        return total * _core.move(amp.inverse_scale(scaler._scale), total.device, total.dtype)
+
+    def _finish(self, late_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The (raw) total norm of the current round; starts the next round. Gradients
+        measured late are multiplied by ``late_scale`` first (in power form)."""
+        p = self.norm_type
+        extra = self._late_powers() if self.kind == "hooks" else self._check_arrivals()
+        if late_scale is not None:
+            factor = _normmath.power_form(late_scale, p)
+            extra = {key: power * factor.to(power.dtype) for key, power in extra.items()}
+        items = []
+        for key, (slots, groups) in enumerate(zip(self._slots, self._groups)):
+            power = _normmath.reduce_power(slots, p)
+            if key in extra:
+                power = _normmath.combine([power, extra[key]], p, self.device, slots.dtype)
+            items.append((groups, power, torch.isnan(power), torch.isinf(power)))
+        power, nan, inf = _core.reduce_sets(items, p, self.device)
+        for slots in self._slots:
+            slots.zero_()
+        self._arrivals = 0
+        return _normmath.finish(power, nan, inf, p, self.dtype)
+
+    def _late_powers(self) -> dict[int, torch.Tensor]:
+        """Measure, in one launch per key, the chunks whose gradients changed since they were
+        measured, or that were not measured in this round (unused parameters, stale or
+        user-set gradients); their slots are zeroed first."""
+        late: dict[int, list] = {}
+        for chunk in self._chunks:
+            if chunk.measured is not None and chunk.unchanged():
+                chunk.measured = None
+                continue
+            if chunk.measured is not None:
+                self._slots[chunk.key][chunk.index].zero_()
+                chunk.measured = None
+            chunk.arrived = set()
+            grads = late.setdefault(chunk.key, [])
+            grads.extend(p.grad for p in chunk.params if p.grad is not None)
+        return {key: self._power(grads) for key, grads in late.items() if grads}
+
+    def _check_arrivals(self) -> dict:
+        if self._arrivals == 0 and any(p.grad is not None for p in self.parameters):
+            raise RuntimeError(
+                f"no {'bucket' if self.kind == 'ddp' else 'flat parameter'} was reduced since "
+                "the last finalize: overlap_norm measures gradients as the synchronising "
+                "backward reduces them (a step after only no_sync() backward passes, or a "
+                "second finalize in one step, has nothing measured)"
+            )
+        return {}
+
+    @torch.no_grad()
+    def clip_(
+        self,
+        max_norm: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        eps: float = 1e-6,
+        error_if_nonfinite: bool = False,
+        nonfinite: str = "propagate",
+    ) -> torch.Tensor:
+        r"""Finalize the norm and clip the gradients by it: what
+        :func:`tritonclip.clip_grad_norm_` does, without reading the gradients for the norm.
+
+        With a fused ``optimizer`` (``fused=True`` Adam, AdamW, SGD, Adagrad), the coefficient
+        is folded into its next step as :func:`tritonclip.optim.clip_into_` does: the
+        gradients are not touched at all. Otherwise they are scaled in one pass.
+
+        With an enabled ``scaler`` (the gradients are still scaled: call this instead of
+        ``scaler.unscale_(optimizer)``, then ``scaler.step(optimizer)`` and
+        ``scaler.update()``): the norm is of the unscaled gradients, an inf/NaN gradient
+        makes the scaler skip the step (on every rank: the flag is in the norm's
+        all-reduce), and the unscale is folded into the fused step or into the one pass.
+
+        Args:
+            max_norm (float): max norm of the gradients.
+            optimizer (torch.optim.Optimizer, optional): the optimizer of the next step (for
+                the fold; required with a ``scaler``).
+            scaler (torch.amp.GradScaler, optional): the scaler of the gradients.
+            eps, error_if_nonfinite, nonfinite: as in :func:`tritonclip.clip_grad_norm_`.
+
+        Returns:
+            The total norm of the (unscaled) gradients, as :meth:`total_norm`.
+        """
+        max_norm, _, eps, mode, _ = _core.norm_clip_args(max_norm, self.norm_type, eps,
+                                                         nonfinite, error_if_nonfinite, None)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        scaling = scaler is not None and scaler.is_enabled()
+        if scaling and optimizer is None:
+            raise ValueError("clip_ with a scaler needs the optimizer (the scaler keeps its "
+                             "state per optimizer)")
+        if scaling and not amp.fuses(scaler):
+            raise ValueError(f"clip_ folds the unscale of a torch.amp.GradScaler; "
+                             f"{type(scaler).__name__} overrides unscale_")
+        state = scale = None
+        if scaling:
+            state, scale = amp.begin_unscale(scaler, optimizer)
+        raw = self._finish()
+        inv_scale = found = None
+        if scaling:
+            inv_scale = _core.move(amp.inverse_scale(scale), raw.device, raw.dtype)
+            found = (~torch.isfinite(raw)).float()
+        total = raw if inv_scale is None else raw * inv_scale
+        _core.check_nonfinite(total, mode, self.norm_type)
+        coef = _normmath.clip_coefficient(total, max_norm, eps, mode == "skip")
+        if optimizer is not None and can_fold(optimizer, scaler if scaling else None):
+            fold_(optimizer, coef, scale)
+        else:
+            factor = coef if inv_scale is None else coef * inv_scale
+            if scaling and mode == "skip":
+                factor = torch.where(found > 0, torch.ones_like(factor), factor)
+            self._scale_(factor, skip_at_least_one=not scaling)
+        if scaling:
+            amp.end_unscale(scaler, state, found, _core.grads_of(self.parameters))
+        self.last_norm = total
+        return total
+
+
+    def _scale_(self, factor: torch.Tensor, skip_at_least_one: bool = True) -> None:
+        """Scale every gradient in place by ``factor`` (one pass)."""
+        grads = _core.prepare(self.parameters, self.backend, "scale", parameters=True)
+        grads.scale_(factor, self.foreach, skip_at_least_one)
+
+
+def _keys(params, process_group, norm_filter, chain=None):
+    """(key of each parameter, None where the filter leaves it out; the reduction chain of
+    each key): the process groups the power form of a parameter's gradient is all-reduced
+    over, in order (its DTensor mesh's Shard dimensions, then ``process_group``), or
+    ``chain`` for every parameter (FSDP1)."""
+    if chain is not None:
+        return [0] * len(params), [chain]
+    pairs = distributed.pairs_of(process_group, "parameters") if process_group is not None \
+        else None
+    outer_of = {}
+    if pairs is not None:
+        for index, (members, group) in enumerate(pairs):
+            for t in members:
+                if id(t) in outer_of:
+                    raise ValueError(f"a parameter is in two pairs of process_group (the "
+                                     f"second is process_group[{index}]): each belongs to one")
+                outer_of[id(t)] = group
+        if set(outer_of) != {id(p) for p in params}:
+            raise ValueError(f"the (parameters, group) pairs of process_group must hold "
+                             f"exactly the module's {len(params)} trainable parameters, got "
+                             f"{len(outer_of)}")
+    chains: dict[tuple, int] = {}
+    groups: list[tuple] = []
+
+    def key_of(chain: tuple) -> int:
+        ranks = tuple(tuple(distributed.ranks_of(g)) for g in chain)
+        if ranks not in chains:
+            chains[ranks] = len(groups)
+            groups.append(chain)
+        return chains[ranks]
+
+    keys = []
+    for p in params:
+        if norm_filter is not None and not norm_filter(p):
+            keys.append(None)
+            continue
+        outer = outer_of[id(p)] if pairs is not None else process_group
+        (_, chain), = _sharding.norm_sets([p], outer)
+        keys.append(key_of(chain))
+    # Every rank issues the same all-reduces: each outer group's own chain exists even where
+    # this rank has no plain parameter in it (a pipeline stage of DTensors only).
+    for outer in ([g for _, g in pairs] if pairs is not None else [process_group]):
+        if outer is not None:
+            key_of((outer,))
+    if not groups:
+        key_of(())
+    return keys, groups
+
+
+def _chunks(params, keys) -> list[_Chunk]:
+    """Consecutive parameters of one key, in reverse order, up to the chunk limits."""
+    chunks: list[_Chunk] = []
+    current: list = []
+    elements = 0
+    key = None
+    for p, k in reversed(list(zip(params, keys))):
+        if k is None:
+            continue
+        numel = p.to_local().numel() if _sharding.is_dtensor(p) else p.numel()
+        if current and (k != key or len(current) >= CHUNK_PARAMETERS
+                        or elements + numel > CHUNK_ELEMENTS):
+            chunks.append(_Chunk(len(chunks), key, current))
+            current, elements = [], 0
+        current.append(p)
+        elements += numel
+        key = k
+    if current:
+        chunks.append(_Chunk(len(chunks), key, current))
+    return chunks
