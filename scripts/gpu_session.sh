@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call of under ten minutes, writing at most
 # eight files to $OUT (default: gpu-out/): versions and the commit, the GPU tests, the launch
-# check and `make bench` (quick, bf16), then the fp16 one-tensor and many-small sweep if time
-# is left. The machine has torch and triton but no network: tritonclip installs without deps.
+# check and `make bench` (quick, bf16), the training-step benchmark (GPT-2, Llama-style 1B),
+# then the fp16 one-tensor and many-small sweep if time is left. The machine has torch and
+# triton but no network: tritonclip installs without deps.
 #
 #   COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh
 #   COMMIT=... bash scripts/gpu_session.sh tune    # a second call: the launch-config sweep
@@ -35,6 +36,10 @@ TRITON_INTERPRET=0 timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu
 
 TRITON_INTERPRET=0 timeout 200 python -m tritonclip.bench --quick --out "$OUT/quick" 2>&1 \
   | strip > "$OUT/quick-bf16.txt"
+
+# The whole training step (issue 15's target: the overlapped clip within 1.02x of no clip).
+TRITON_INTERPRET=0 timeout 150 python -m tritonclip.bench.train_step --model gpt2,llama-1b \
+  --out "$OUT/train" 2>&1 | strip > "$OUT/train-step.txt"
 
 if [ $((SECONDS - start)) -lt 330 ]; then
   TRITON_INTERPRET=0 timeout $((560 - (SECONDS - start))) python -m tritonclip.bench \

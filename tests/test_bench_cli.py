@@ -465,3 +465,19 @@ def test_compile_compares_compiled_clips_in_the_same_run(tmp_path, capsys, short
     assert ("overhead_vs_torch" in step) == (
         step["clip_overhead_resolved"]
         and by_key[("step", "torch-compile")]["clip_overhead_resolved"])
+
+
+def test_train_step_runs_every_clip_and_their_norms_agree(tmp_path, capsys):
+    """The training-step benchmark on the tiny decoder: every implementation timed, the
+    norms of one step from the same weights agree, results written."""
+    import json
+
+    from tritonclip.bench import train_step
+
+    assert train_step.main(["--model", "tiny", "--reps", "2", "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "train-step.json").read_text())
+    assert [r["implementation"] for r in result["records"]] == list(train_step.IMPLEMENTATIONS)
+    assert result["norms_agree"] and len(result["norms"]) == 4
+    assert "tritonclip-overlap" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_step.main(["--model", "gpt3"])
