@@ -91,6 +91,31 @@ def _ddp(rank, world, backend):
                     handle.total_norm()
         _compare(runs, rtol=1e-6 if hook is None else 1e-5)
 
+    # A filter splits each bucket by parameter: the weights counted, the biases left out.
+    runs = {}
+    for recipe in ("after", "overlap"):
+        model = DDP(_layers(), bucket_cap_mb=0.03)
+        weights = {id(layer.weight) for layer in model.module}
+
+        def counted(p):
+            return id(p) in weights
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        handle = tritonclip.overlap_norm(model, norm_filter=counted, backend=backend) \
+            if recipe == "overlap" else None
+        norms = []
+        for step in range(3):
+            optimizer.zero_grad()
+            torch.manual_seed(100 * step + rank)
+            model(torch.randn(4, 64)).square().sum().backward()
+            norm = (tritonclip.clip_grad_norm_(model.parameters(), MAX_NORM, norm_filter=counted,
+                                               backend=backend)
+                    if recipe == "after" else handle.clip_(MAX_NORM, optimizer))
+            norms.append(float(norm))
+            optimizer.step()
+        runs[recipe] = norms, [_local(p) for p in model.parameters()]
+    _compare(runs)
+
     model = DDP(_layers())
     model.register_comm_hook(None, default_hooks.allreduce_hook)
     with pytest.raises(RuntimeError, match="pass yours as comm_hook"):
