@@ -13,7 +13,7 @@ import torch
 
 import tritonclip
 from helpers import assert_norm_close
-from tritonclip import overlap, reference
+from tritonclip import _overlap_hooks, overlap, reference
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]
 
@@ -51,7 +51,7 @@ def _norm(model, p=2.0):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 parameters, so that models here have several (and a partial last one)."""
-    monkeypatch.setattr(overlap, "CHUNK_PARAMETERS", 3)
+    monkeypatch.setattr(_overlap_hooks, "CHUNK_PARAMETERS", 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -40,6 +40,15 @@ def _compare(runs, rtol=1e-6):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+def _backward(model, step, rank, micro_batches):
+    """``micro_batches`` backward passes, all but the last inside ``model.no_sync()``."""
+    for micro in range(micro_batches):
+        torch.manual_seed(100 * step + 10 * micro + rank)
+        sync = micro == micro_batches - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            model(torch.randn(4, 64)).square().mean().backward()
+
+
 def _value(norm) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -69,12 +78,7 @@ def _ddp(rank, world, backend):
             norms = []
             for step in range(4):
                 optimizer.zero_grad(set_to_none=step % 2 == 0)
-                micro_batches = 3 if step >= 2 else 1
-                for micro in range(micro_batches):
-                    torch.manual_seed(100 * step + 10 * micro + rank)
-                    sync = micro == micro_batches - 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        model(torch.randn(4, 64)).square().mean().backward()
+                _backward(model, step, rank, 3 if step >= 2 else 1)
                 if recipe == "after":
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
                 else:
@@ -257,12 +261,7 @@ def _fsdp1(rank, world, backend):
             norms = []
             for step in range(4):
                 optimizer.zero_grad()
-                micro_batches = 2 if step >= 2 else 1
-                for micro in range(micro_batches):
-                    torch.manual_seed(100 * step + 10 * micro + rank)
-                    sync = micro == micro_batches - 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        model(torch.randn(4, 64)).square().mean().backward()
+                _backward(model, step, rank, 2 if step >= 2 else 1)
                 norm = (model.clip_grad_norm_(MAX_NORM) if recipe == "after"
                         else handle.clip_(MAX_NORM, optimizer))
                 norms.append(_value(norm))

@@ -6,9 +6,10 @@ gradients), fewer passes over memory.
 ``error_clip`` clips the gradient flowing back through chosen activations (RNN steps).
 Submodules: ``amp`` (GradScaler unscale fused with the clip), ``optim`` (the clip folded into
 a fused optimizer step), ``attach`` (clipping attached to an optimizer), ``adaptive`` (AGC,
-AutoClip, ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor`` (gradient-norm history), ``overlap`` (the norm taken during backward),
-``distributed`` (norms over process groups), ``reference`` and ``reference_adaptive`` (float64
-formulas), ``bench`` (the benchmark CLI).
+AutoClip, ZClip), ``per_tensor`` (each tensor clipped on its own), ``monitor``
+(gradient-norm history), ``overlap`` (the norm taken during backward), ``distributed``
+(norms over process groups), ``reference`` and ``reference_adaptive`` (float64 formulas),
+``bench`` (the benchmark CLI).
 """
 
 import importlib.util as _importlib_util

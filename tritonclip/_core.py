@@ -434,13 +434,13 @@ def _checked_layout(tensors: list[torch.Tensor], requested: str, purpose: str, n
 
 
 def has_dtensor(tensors: list[torch.Tensor]) -> bool:
-    return _local(tensors, "tensors") is not tensors
+    return local_tensors(tensors, "tensors") is not tensors
 
 
-def _local(tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+def local_tensors(tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
     """Each DTensor replaced by its local tensor (the same memory: scaling it in place scales
-    the DTensor); without any DTensor, ``tensors`` itself, so ``_local(ts) is not ts`` says
-    whether there are DTensors. ``TypeError`` for an item that is not a tensor. (The distinct
+    the DTensor); without any DTensor, ``tensors`` itself, so ``local_tensors(ts) is not ts``
+    says whether there are DTensors. ``TypeError`` for an item that is not a tensor. (The distinct
     types are tested, then a subclass test on each: ~20 ns a tensor.)"""
     kinds = set(map(type, tensors))
     if not all(issubclass(kind, torch.Tensor) for kind in kinds):
@@ -457,7 +457,7 @@ def _counted(items: list[torch.Tensor], norm_filter) -> list[torch.Tensor]:
     return [t for t in items if norm_filter(t)]
 
 
-def _same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
+def same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
     """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
     seen: dict[int, int] = {}
     for index, (tensors, _) in enumerate(pairs):
@@ -482,13 +482,13 @@ def prepare(items: list[torch.Tensor], requested: str, purpose: str, *, paramete
     if norm_filter is not None and not callable(norm_filter):
         raise TypeError(f"norm_filter must be a callable taking a tensor, got {norm_filter!r}")
     grads = grads_of(items) if parameters else items
-    local = _local(grads, name)
+    local = local_tensors(grads, name)
     layout = _checked_layout(local, requested, purpose, name)
     groups = layout.groups
     if purpose == "clamp" and local is not grads:
         _sharding.check_no_partial(grads, name)
     if pairs is not None:
-        _same_members(items, pairs, "parameters" if parameters else "tensors")
+        same_members(items, pairs, "parameters" if parameters else "tensors")
     device = local[0].device if local else CPU
     if pairs is None and local is grads and norm_filter is None:
         sets = [NormSet(groups, local, () if process_group is None else (process_group,))]

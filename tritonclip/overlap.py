@@ -19,23 +19,15 @@ write nothing until the backward that does. The finalize sums the slots and zero
 
 from __future__ import annotations
 
-import functools
-import math
 import weakref
 
 import torch
 
-from . import _core, _normmath, _sharding, amp, distributed
+from . import _core, _normmath, amp
+from . import _overlap_hooks as _hooks
 from .optim import can_fold, fold_
 
 __all__ = ["OverlapNorm", "overlap_norm"]
-
-# A chunk is the unit of one multi-tensor launch in a hook: consecutive parameters (in reverse
-# registration order, the order backward makes their gradients ready) up to this many, or
-# this many elements. Fewer, larger chunks mean fewer launches during backward; smaller ones a
-# shorter read after the last gradient is ready. Not yet tuned on a GPU (issue 16).
-CHUNK_PARAMETERS = 32
-CHUNK_ELEMENTS = 1 << 22
 
 _REGISTERED = "_tritonclip_overlap_norm"
 
@@ -63,9 +55,9 @@ def overlap_norm(
     Where the partial norms are taken:
 
     - a plain module (one process, or tensor parallel with DTensor parameters): a
-      post-accumulate-grad hook on every parameter; a chunk of up to
-      :data:`CHUNK_PARAMETERS` parameters is measured in one launch once all of its
-      gradients are ready;
+      post-accumulate-grad hook on every parameter; a chunk of up to 32 parameters (or 4 Mi
+      elements, ``_overlap_hooks.CHUNK_PARAMETERS``/``CHUNK_ELEMENTS``) is measured in one
+      launch once all of its gradients are ready;
     - ``DistributedDataParallel``: a communication hook that measures each bucket after its
       all-reduce (``comm_hook``/``comm_state``: a DDP hook of yours to run first, e.g.
       ``fp16_compress_hook``; default: DDP's all-reduce). The gradients are replicated, so
@@ -126,43 +118,6 @@ def overlap_norm(
                        _core.foreach_value(foreach), _core.backend_name(backend))
 
 
-def _kind(module: torch.nn.Module) -> str:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(module, DistributedDataParallel):
-        return "ddp"
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if isinstance(module, FullyShardedDataParallel):
-            return "fsdp1"
-    return "hooks"
-
-
-class _Chunk:
-    """Parameters measured together in a hook; ``arrived`` counts their gradients ready since
-    the last measurement; ``measured`` holds (weak gradient, version) pairs of the last
-    measurement in this round, None when it has not been measured in this round."""
-
-    __slots__ = ("index", "key", "params", "arrived", "measured")
-
-    def __init__(self, index: int, key: int, params: list[torch.Tensor]):
-        self.index, self.key, self.params = index, key, params
-        self.arrived: set[int] = set()
-        self.measured: list | None = None
-
-    def unchanged(self) -> bool:
-        """Whether every gradient is the one measured, not modified since."""
-        for p, (ref, version) in zip(self.params, self.measured):
-            g = p.grad
-            if ref is None:
-                if g is not None:
-                    return False
-            elif g is None or g is not ref() or g._version != version:
-                return False
-        return True
-
-
 class OverlapNorm:
     """What :func:`overlap_norm` returns: the hooks of one module and the partial norms of
     the current backward.
@@ -178,103 +133,46 @@ class OverlapNorm:
         self.norm_type = norm_type
         self.foreach = foreach
         self.backend = backend
-        self.kind = _kind(module)
+        self.kind = _hooks.kind(module)
         self.parameters = [p for p in module.parameters() if p.requires_grad]
         self.last_norm: torch.Tensor | None = None
         self._active = True
         self._handles: list = []
         if not self.parameters:
             raise ValueError("module has no parameter that requires a gradient")
-        chain = None
+        chain = sharded = None
         if self.kind == "fsdp1":
             if norm_filter is not None or isinstance(process_group, (list, tuple)):
                 raise ValueError("overlap_norm on FSDP1 takes no norm_filter and no "
                                  "(parameters, group) pairs: its flat parameters mix many")
-            chain = self._fsdp1_chain(process_group)
-        self._key_of, self._groups = _keys(self.parameters, process_group, norm_filter, chain)
-        first = _sharding.DTensor is not None and isinstance(self.parameters[0],
-                                                              _sharding.DTensor)
-        local = self.parameters[0].to_local() if first else self.parameters[0]
-        self.device = local.device
+            chain, sharded = _hooks.fsdp1_chain(module, process_group)
+        self._key_of, self._groups = _hooks.keys(self.parameters, process_group, norm_filter,
+                                                 chain)
+        self.device = _core.local_tensors(self.parameters[:1], "parameters")[0].device
         self.dtype = _normmath.result_dtype(p.dtype for p in self.parameters)
         slot_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        sources = self._register(comm_hook, comm_state)
+        sources = self._register(comm_hook, comm_state, sharded)
         self._slots = [torch.zeros(sources, dtype=slot_dtype, device=self.device)
                        for _ in self._groups]
         self._arrivals = 0  # sources measured since the last finalize (DDP, FSDP1)
         setattr(module, _REGISTERED, self)
 
-    # -- registration ---------------------------------------------------------------------
-    def _register(self, comm_hook, comm_state) -> int:
+    def _register(self, comm_hook, comm_state, sharded) -> int:
         """Register the hooks; the number of sources (slots per key)."""
         if self.kind == "ddp":
-            return self._register_ddp(comm_hook, comm_state)
+            # buckets hold whole parameters: at most one bucket per parameter
+            self._param_keys = {id(p): k for p, k in zip(self.parameters, self._key_of)}
+            _hooks.register_ddp(self.module, comm_hook, comm_state, self._bucket_ready)
+            return len(self.parameters)
         if self.kind == "fsdp1":
-            return self._register_fsdp1(comm_hook, comm_state)
+            return _hooks.register_fsdp1(self.module, comm_hook, comm_state, sharded,
+                                         self._flat_ready)
         if comm_hook is not None:
             raise ValueError("comm_hook is for DistributedDataParallel and FSDP1 modules; this "
                              f"is a {type(self.module).__name__}")
-        self._chunks = _chunks(self.parameters, self._key_of)
-        for chunk in self._chunks:
-            for position, p in enumerate(chunk.params):
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    functools.partial(self._gradient_ready, chunk, position)))
+        self._chunks = _hooks.chunks(self.parameters, self._key_of)
+        self._handles = _hooks.register_chunks(self._chunks, self._gradient_ready)
         return len(self._chunks)
-
-    def _register_ddp(self, comm_hook, comm_state) -> int:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        if comm_hook is None:
-            comm_hook, comm_state = default_hooks.allreduce_hook, self.module.process_group
-        # buckets hold whole parameters: at most one bucket per parameter
-        self._param_keys = {id(p): self._key_of[i] for i, p in enumerate(self.parameters)}
-
-        def hook(state, bucket):
-            future = comm_hook(state, bucket)
-            if not self._active:
-                return future
-            return future.then(functools.partial(self._bucket_ready, bucket))
-
-        try:
-            self.module.register_comm_hook(comm_state, hook)
-        except RuntimeError as error:
-            raise RuntimeError(f"overlap_norm registers DDP's communication hook and DDP "
-                               f"takes one: pass yours as comm_hook= instead ({error})") from None
-        return len(self.parameters)
-
-    def _fsdp1_chain(self, process_group) -> tuple:
-        from torch.distributed.fsdp import ShardingStrategy
-
-        strategy = self.module.sharding_strategy
-        if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
-                            ShardingStrategy.NO_SHARD):
-            raise ValueError(f"overlap_norm supports FSDP1's FULL_SHARD, SHARD_GRAD_OP and "
-                             f"NO_SHARD, not {strategy.name} (FSDP1 takes no communication "
-                             "hook there)")
-        self._sharded = strategy is not ShardingStrategy.NO_SHARD
-        distributed.check_process_group(process_group)
-        chain = (self.module.process_group,) if self._sharded else ()
-        return chain + ((process_group,) if process_group is not None else ())
-
-    def _register_fsdp1(self, comm_hook, comm_state) -> int:
-        from torch.distributed.algorithms._comm_hooks import default_hooks
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if comm_hook is None:
-            comm_state = default_hooks.DefaultState(self.module.process_group)
-            comm_hook = (default_hooks.reduce_scatter_hook if self._sharded
-                         else default_hooks.allreduce_hook)
-
-        def hook(state, grad, output=None):
-            if output is None:
-                comm_hook(state, grad)
-            else:
-                comm_hook(state, grad, output)
-            if self._active:
-                self._flat_ready(grad if output is None else output)
-
-        self.module.register_comm_hook(comm_state, hook)
-        return len(FullyShardedDataParallel.fsdp_modules(self.module))
 
     def remove(self) -> None:
         """Unregister the hooks. (A DDP or FSDP1 communication hook cannot be unregistered:
@@ -288,12 +186,12 @@ class OverlapNorm:
 
     # -- hooks ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _gradient_ready(self, chunk: _Chunk, position: int, param) -> None:
+    def _gradient_ready(self, chunk: _hooks.Chunk, position: int) -> None:
         chunk.arrived.add(position)
         if len(chunk.arrived) == len(chunk.params):
             self._measure(chunk)
 
-    def _measure(self, chunk: _Chunk) -> None:
+    def _measure(self, chunk: _hooks.Chunk) -> None:
         grads = [p.grad for p in chunk.params]
         chunk.measured = [(None, 0) if g is None else (weakref.ref(g), g._version)
                           for g in grads]
@@ -304,6 +202,8 @@ class OverlapNorm:
     def _bucket_ready(self, bucket, future):
         reduced = future.value()
         reduced = reduced[0] if isinstance(reduced, (list, tuple)) else reduced
+        if not self._active:
+            return reduced
         params = bucket.parameters()
         keys = [self._param_keys[id(p)] for p in params]
         if len(set(keys)) == 1 and keys[0] is not None:  # (no filter: the whole bucket)
@@ -322,6 +222,8 @@ class OverlapNorm:
 
     @torch.no_grad()
     def _flat_ready(self, shard: torch.Tensor) -> None:
+        if not self._active:
+            return
         # (flat parameters are reduced in the same order by every backward: a backward whose
         # step was skipped, e.g. by a GradScaler, is overwritten by the next one)
         self._write(0, self._arrivals % self._slots[0].numel(), [shard])
@@ -335,7 +237,7 @@ class OverlapNorm:
         slot.copy_(self._power(grads))
 
     def _power(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        local = _core._local(grads, "gradients")
+        local = _core.local_tensors(grads, "gradients")
         return _core.prepare(local, self.backend, "read", parameters=False).local_power(
             self.norm_type, self.foreach)
 
@@ -488,72 +390,3 @@ class OverlapNorm:
         grads.scale_(factor, self.foreach, skip_at_least_one)
 
 
-def _keys(params, process_group, norm_filter, chain=None):
-    """(key of each parameter, None where the filter leaves it out; the reduction chain of
-    each key): the process groups the power form of a parameter's gradient is all-reduced
-    over, in order (its DTensor mesh's Shard dimensions, then ``process_group``), or
-    ``chain`` for every parameter (FSDP1)."""
-    if chain is not None:
-        return [0] * len(params), [chain]
-    pairs = distributed.pairs_of(process_group, "parameters") if process_group is not None \
-        else None
-    outer_of = {}
-    if pairs is not None:
-        for index, (members, group) in enumerate(pairs):
-            for t in members:
-                if id(t) in outer_of:
-                    raise ValueError(f"a parameter is in two pairs of process_group (the "
-                                     f"second is process_group[{index}]): each belongs to one")
-                outer_of[id(t)] = group
-        if set(outer_of) != {id(p) for p in params}:
-            raise ValueError(f"the (parameters, group) pairs of process_group must hold "
-                             f"exactly the module's {len(params)} trainable parameters, got "
-                             f"{len(outer_of)}")
-    chains: dict[tuple, int] = {}
-    groups: list[tuple] = []
-
-    def key_of(chain: tuple) -> int:
-        ranks = tuple(tuple(distributed.ranks_of(g)) for g in chain)
-        if ranks not in chains:
-            chains[ranks] = len(groups)
-            groups.append(chain)
-        return chains[ranks]
-
-    keys = []
-    for p in params:
-        if norm_filter is not None and not norm_filter(p):
-            keys.append(None)
-            continue
-        outer = outer_of[id(p)] if pairs is not None else process_group
-        (_, chain), = _sharding.norm_sets([p], outer)
-        keys.append(key_of(chain))
-    # Every rank issues the same all-reduces: each outer group's own chain exists even where
-    # this rank has no plain parameter in it (a pipeline stage of DTensors only).
-    for outer in ([g for _, g in pairs] if pairs is not None else [process_group]):
-        if outer is not None:
-            key_of((outer,))
-    if not groups:
-        key_of(())
-    return keys, groups
-
-
-def _chunks(params, keys) -> list[_Chunk]:
-    """Consecutive parameters of one key, in reverse order, up to the chunk limits."""
-    chunks: list[_Chunk] = []
-    current: list = []
-    elements = 0
-    key = None
-    for p, k in reversed(list(zip(params, keys))):
-        if k is None:
-            continue
-        numel = p.to_local().numel() if _sharding.is_dtensor(p) else p.numel()
-        if current and (k != key or len(current) >= CHUNK_PARAMETERS
-                        or elements + numel > CHUNK_ELEMENTS):
-            chunks.append(_Chunk(len(chunks), key, current))
-            current, elements = [], 0
-        current.append(p)
-        elements += numel
-        key = k
-    if current:
-        chunks.append(_Chunk(len(chunks), key, current))
-    return chunks

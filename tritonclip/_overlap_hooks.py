@@ -1,0 +1,184 @@
+"""Where the partial norms of :func:`tritonclip.overlap_norm` come from: which module kind
+it is, which process groups each parameter's norm is reduced over (its key), how parameters
+are chunked, and the wiring of torch's hooks (post-accumulate-grad hooks, DDP's and FSDP1's
+communication hooks) to the callbacks of an ``OverlapNorm``. Nothing here holds norm state."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _core, _sharding, distributed
+
+# A chunk is the unit of one multi-tensor launch in a hook: consecutive parameters (in reverse
+# registration order, the order backward makes their gradients ready) up to this many, or
+# this many elements. Fewer, larger chunks mean fewer launches during backward; smaller ones a
+# shorter read after the last gradient is ready. Not yet tuned on a GPU (issue 16).
+CHUNK_PARAMETERS = 32
+CHUNK_ELEMENTS = 1 << 22
+
+
+def kind(module: torch.nn.Module) -> str:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return "ddp"
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(module, FullyShardedDataParallel):
+            return "fsdp1"
+    return "hooks"
+
+
+class Chunk:
+    """Parameters measured together in a hook; ``arrived`` counts their gradients ready since
+    the last measurement; ``measured`` holds (weak gradient, version) pairs of the last
+    measurement in this round, None when it has not been measured in this round."""
+
+    __slots__ = ("index", "key", "params", "arrived", "measured")
+
+    def __init__(self, index: int, key: int, params: list[torch.Tensor]):
+        self.index, self.key, self.params = index, key, params
+        self.arrived: set[int] = set()
+        self.measured: list | None = None
+
+    def unchanged(self) -> bool:
+        """Whether every gradient is the one measured, not modified since."""
+        for p, (ref, version) in zip(self.params, self.measured):
+            g = p.grad
+            if ref is None:
+                if g is not None:
+                    return False
+            elif g is None or g is not ref() or g._version != version:
+                return False
+        return True
+
+
+def keys(params, process_group, norm_filter, chain=None):
+    """(key of each parameter, None where the filter leaves it out; the reduction chain of
+    each key): the process groups the power form of a parameter's gradient is all-reduced
+    over, in order (its DTensor mesh's Shard dimensions, then ``process_group``), or
+    ``chain`` for every parameter (FSDP1)."""
+    if chain is not None:
+        return [0] * len(params), [chain]
+    pairs = distributed.pairs_of(process_group, "parameters") if process_group is not None \
+        else None
+    outer_of = {}
+    if pairs is not None:
+        _core.same_members(params, pairs, "module's trainable parameters")
+        outer_of = {id(t): group for members, group in pairs for t in members}
+    chains: dict[tuple, int] = {}
+    groups: list[tuple] = []
+
+    def key_of(chain: tuple) -> int:
+        ranks = tuple(tuple(distributed.ranks_of(g)) for g in chain)
+        if ranks not in chains:
+            chains[ranks] = len(groups)
+            groups.append(chain)
+        return chains[ranks]
+
+    keys = []
+    for p in params:
+        if norm_filter is not None and not norm_filter(p):
+            keys.append(None)
+            continue
+        outer = outer_of[id(p)] if pairs is not None else process_group
+        (_, chain), = _sharding.norm_sets([p], outer)
+        keys.append(key_of(chain))
+    # Every rank issues the same all-reduces: each outer group's own chain exists even where
+    # this rank has no plain parameter in it (a pipeline stage of DTensors only).
+    for outer in ([g for _, g in pairs] if pairs is not None else [process_group]):
+        if outer is not None:
+            key_of((outer,))
+    if not groups:
+        key_of(())
+    return keys, groups
+
+
+def chunks(params, keys) -> list[Chunk]:
+    """Consecutive parameters of one key, in reverse order, up to the chunk limits."""
+    out: list[Chunk] = []
+    current: list = []
+    elements = 0
+    key = None
+    for p, k in reversed(list(zip(params, keys))):
+        if k is None:
+            continue
+        numel = p.to_local().numel() if _sharding.is_dtensor(p) else p.numel()
+        if current and (k != key or len(current) >= CHUNK_PARAMETERS
+                        or elements + numel > CHUNK_ELEMENTS):
+            out.append(Chunk(len(out), key, current))
+            current, elements = [], 0
+        current.append(p)
+        elements += numel
+        key = k
+    if current:
+        out.append(Chunk(len(out), key, current))
+    return out
+
+
+def register_chunks(chunks_: list[Chunk], on_ready) -> list:
+    """A post-accumulate-grad hook on every parameter of ``chunks_``:
+    ``on_ready(chunk, position)`` once its gradient is accumulated (autograd's, or FSDP2's
+    after the reduce-scatter of its shard). Returns the removable handles."""
+    return [p.register_post_accumulate_grad_hook(
+                lambda param, chunk=chunk, position=position: on_ready(chunk, position))
+            for chunk in chunks_ for position, p in enumerate(chunk.params)]
+
+
+def register_ddp(module, comm_hook, comm_state, on_reduced) -> None:
+    """DDP's communication hook: ``comm_hook`` (default: DDP's all-reduce), then
+    ``on_reduced(bucket, future)`` on the reduced bucket, whose value DDP takes."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if comm_hook is None:
+        comm_hook, comm_state = default_hooks.allreduce_hook, module.process_group
+
+    def hook(state, bucket):
+        return comm_hook(state, bucket).then(functools.partial(on_reduced, bucket))
+
+    try:
+        module.register_comm_hook(comm_state, hook)
+    except RuntimeError as error:
+        raise RuntimeError(f"overlap_norm registers DDP's communication hook and DDP "
+                           f"takes one: pass yours as comm_hook= instead ({error})") from None
+
+
+def fsdp1_chain(module, process_group) -> tuple[tuple, bool]:
+    """(the process groups an FSDP1 shard's norm is reduced over, whether it shards)."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    strategy = module.sharding_strategy
+    if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
+                        ShardingStrategy.NO_SHARD):
+        raise ValueError(f"overlap_norm supports FSDP1's FULL_SHARD, SHARD_GRAD_OP and "
+                         f"NO_SHARD, not {strategy.name} (FSDP1 takes no communication "
+                         "hook there)")
+    sharded = strategy is not ShardingStrategy.NO_SHARD
+    distributed.check_process_group(process_group)
+    chain = (module.process_group,) if sharded else ()
+    return chain + ((process_group,) if process_group is not None else ()), sharded
+
+
+def register_fsdp1(module, comm_hook, comm_state, sharded: bool, on_reduced) -> int:
+    """FSDP1's communication hook: ``comm_hook`` (default: FSDP's reduce-scatter, or its
+    all-reduce for NO_SHARD), then ``on_reduced(shard)``. Returns the number of flat
+    parameters (FSDP units)."""
+    from torch.distributed.algorithms._comm_hooks import default_hooks
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if comm_hook is None:
+        comm_state = default_hooks.DefaultState(module.process_group)
+        comm_hook = default_hooks.reduce_scatter_hook if sharded else default_hooks.allreduce_hook
+
+    def hook(state, grad, output=None):
+        if output is None:
+            comm_hook(state, grad)
+        else:
+            comm_hook(state, grad, output)
+        on_reduced(grad if output is None else output)
+
+    module.register_comm_hook(comm_state, hook)
+    return len(FullyShardedDataParallel.fsdp_modules(module))
