@@ -301,7 +301,7 @@ def test_misuse_is_refused_at_registration():
     with pytest.raises(ValueError, match="different parameters"):
         tritonclip.attach(optimizer, max_norm=1.0, overlap=model)
     part = torch.optim.SGD(list(model.parameters())[:3], lr=0.1)
-    with pytest.raises(ValueError, match="5 trainable ones of the model"):
+    with pytest.raises(ValueError, match="5 trainable ones of the module"):
         tritonclip.attach(part, max_norm=1.0, overlap=model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="LBFGS"):
@@ -349,3 +349,15 @@ def test_scaler_driving_attach_without_it_is_refused():
     scaler.scale(_loss(model, torch.randn(4, 8))).backward()
     with pytest.raises(RuntimeError, match="pass scaler= to attach"):
         scaler.step(optimizer)
+
+
+def test_clip_refuses_an_optimizer_of_other_parameters():
+    model = _model()
+    handle = tritonclip.overlap_norm(model)
+    _loss(model, torch.randn(4, 8)).backward()
+    part = torch.optim.AdamW(list(model.parameters())[:2], fused=True)
+    with pytest.raises(ValueError, match="different parameters"):
+        handle.clip_(1.0, part)
+    assert not hasattr(part, "grad_scale")
+    expected = _norm(model)
+    assert_norm_close(handle.clip_(1.0), expected)  # the round is still open

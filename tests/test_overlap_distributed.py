@@ -309,6 +309,18 @@ def _groups(rank, world, backend):
     # pipeline: each rank its own stage
     run(lambda: _layers(seed=rank, n=2 + rank), lambda model: world_group)
 
+    # a NaN on one stage makes every rank's norm NaN (the flag rides the all-reduce)
+    for bad in (math.nan, math.inf):
+        model = _layers(seed=rank, n=2)
+        handle = tritonclip.overlap_norm(model, process_group=world_group, backend=backend)
+        x = torch.randn(4, 64)
+        if rank == 1:
+            x[0, 0] = bad
+        model(x).sum().backward()
+        total = float(handle.total_norm())
+        assert math.isnan(total) if math.isnan(bad) else not math.isfinite(total), total
+        handle.remove()
+
     # experts: dense layers replicated (same data on every rank: seed without the rank),
     # one expert per rank
     class Experts(torch.nn.Module):

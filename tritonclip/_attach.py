@@ -213,22 +213,18 @@ def _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler) -> Ov
                              f"attach {config['norm_type']!r}")
     elif isinstance(overlap, torch.nn.Module):
         handle = None
-        params = [p for p in overlap.parameters() if p.requires_grad]
     else:
         raise TypeError(f"overlap must be an nn.Module or an OverlapNorm, got "
                         f"{type(overlap).__name__}")
-    params = handle.parameters if handle is not None else params
-    theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    ours = {id(p) for p in params}
-    if ours != theirs:
-        raise ValueError(
-            f"overlap's model and the optimizer hold different parameters ({len(ours - theirs)} "
-            f"trainable ones of the model are not the optimizer's, {len(theirs - ours)} of the "
-            "optimizer's are not the model's): the norm would not be the optimizer's"
-        )
     if handle is None:
         handle = overlap_norm(overlap, config["norm_type"], foreach=config["foreach"],
                               backend=config["backend"])
+    try:
+        handle._check_optimizer(optimizer)
+    except ValueError:
+        if not isinstance(overlap, OverlapNorm):
+            handle.remove()  # (registered just above)
+        raise
     return handle
 
 

@@ -138,6 +138,7 @@ class OverlapNorm:
         self.last_norm: torch.Tensor | None = None
         self._active = True
         self._handles: list = []
+        self._optimizers: set[int] = set()  # ids of optimizers checked by clip_
         if not self.parameters:
             raise ValueError("module has no parameter that requires a gradient")
         chain = sharded = None
@@ -353,6 +354,8 @@ class OverlapNorm:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if optimizer is not None and id(optimizer) not in self._optimizers:
+            self._check_optimizer(optimizer)
         scaling = scaler is not None and scaler.is_enabled()
         if scaling and optimizer is None:
             raise ValueError("clip_ with a scaler needs the optimizer (the scaler keeps its "
@@ -383,6 +386,20 @@ class OverlapNorm:
         self.last_norm = total
         return total
 
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``ValueError`` unless ``optimizer`` steps exactly the module's trainable parameters
+        (checked once per optimizer): the coefficient it is handed is theirs."""
+        theirs = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        ours = {id(p) for p in self.parameters}
+        if ours != theirs:
+            raise ValueError(
+                f"the module and the optimizer hold different parameters ({len(ours - theirs)} "
+                f"trainable ones of the module are not the optimizer's, {len(theirs - ours)} "
+                "of the optimizer's are not the module's): the norm would not be the "
+                "optimizer's"
+            )
+        self._optimizers.add(id(optimizer))
 
     def _scale_(self, factor: torch.Tensor, skip_at_least_one: bool = True) -> None:
         """Scale every gradient in place by ``factor`` (one pass)."""
