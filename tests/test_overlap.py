@@ -361,3 +361,20 @@ def test_clip_refuses_an_optimizer_of_other_parameters():
     assert not hasattr(part, "grad_scale")
     expected = _norm(model)
     assert_norm_close(handle.clip_(1.0), expected)  # the round is still open
+
+
+def test_a_compiled_model(monkeypatch):
+    """torch.compile(model): the post-accumulate-grad hooks still fire during backward."""
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    handle = tritonclip.overlap_norm(compiled)
+    calls = []
+    real = overlap.OverlapNorm._power
+    monkeypatch.setattr(overlap.OverlapNorm, "_power",
+                        lambda self, grads: calls.append(len(grads)) or real(self, grads))
+    for step in range(2):
+        model.zero_grad()
+        _loss(compiled, torch.randn(4, 8)).backward()
+        assert len(calls) == step + 1  # measured in backward
+        assert_norm_close(handle.total_norm(), _norm(model))
+    assert len(calls) == 2  # nothing late
