@@ -74,7 +74,8 @@ def test_norm_equals_the_norm_after_backward(backend, norm_type, small_chunks):
 
 def test_partial_norms_are_taken_during_backward(monkeypatch, small_chunks):
     """Negative control for the whole point: every chunk is measured by a hook during
-    backward, none at the finalize; a removed handle measures everything at the finalize."""
+    backward, none at the finalize unless its gradients changed; a removed handle has no
+    hook and refuses to finalize."""
     model = _model()
     handle = tritonclip.overlap_norm(model)
     calls = []
@@ -85,12 +86,18 @@ def test_partial_norms_are_taken_during_backward(monkeypatch, small_chunks):
     assert calls == [3, 3, 2]  # three chunks, in reverse order, as backward made them ready
     handle.total_norm()
     assert calls == [3, 3, 2]
+    model.zero_grad()
+    _loss(model, torch.randn(4, 8)).backward()
+    model.body[0].weight.grad.mul_(2.0)  # changed after backward: that chunk measured late
+    assert calls == [3, 3, 2] * 2
+    assert_norm_close(handle.total_norm(), _norm(model))
+    assert calls == [3, 3, 2] * 2 + [2]
     handle.remove()
     model.zero_grad()
     _loss(model, torch.randn(4, 8)).backward()
-    expected = _norm(model)
-    assert_norm_close(handle.total_norm(), expected)  # still right: measured late
-    assert calls == [3, 3, 2, 8]
+    assert calls == [3, 3, 2] * 2 + [2]  # no hook left
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.total_norm()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -298,10 +305,10 @@ def test_misuse_is_refused_at_registration():
 
     other = _model(1)
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="different parameters"):
+    with pytest.raises(ValueError, match="not those overlap_norm covers"):
         tritonclip.attach(optimizer, max_norm=1.0, overlap=model)
     part = torch.optim.SGD(list(model.parameters())[:3], lr=0.1)
-    with pytest.raises(ValueError, match="5 trainable ones of the module"):
+    with pytest.raises(ValueError, match="5 covered ones are not the optimizer"):
         tritonclip.attach(part, max_norm=1.0, overlap=model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="LBFGS"):
@@ -356,7 +363,7 @@ def test_clip_refuses_an_optimizer_of_other_parameters():
     handle = tritonclip.overlap_norm(model)
     _loss(model, torch.randn(4, 8)).backward()
     part = torch.optim.AdamW(list(model.parameters())[:2], fused=True)
-    with pytest.raises(ValueError, match="different parameters"):
+    with pytest.raises(ValueError, match="not those overlap_norm covers"):
         handle.clip_(1.0, part)
     assert not hasattr(part, "grad_scale")
     expected = _norm(model)
@@ -378,3 +385,57 @@ def test_a_compiled_model(monkeypatch):
         assert len(calls) == step + 1  # measured in backward
         assert_norm_close(handle.total_norm(), _norm(model))
     assert len(calls) == 2  # nothing late
+
+
+def test_no_reference_cycle_keeps_the_model_alive():
+    """torch keeps hooks where the garbage collector cannot see them: the hooks hold the
+    handle weakly, so a model (and its handle) without remove() is freed."""
+    import gc
+    import weakref
+
+    model = _model()
+    tritonclip.overlap_norm(model)
+    _loss(model, torch.randn(4, 8)).backward()
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_total_norm_after_the_scaler_unscaled():
+    """scaler.unscale_ moves no version counter: the slots hold the scaled norms, and a chunk
+    measured late (changed by hand afterwards) is measured unscaled; both come out right."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = tritonclip.overlap_norm(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(_loss(model, torch.randn(4, 8))).backward()
+    scaler.unscale_(optimizer)
+    assert_norm_close(handle.total_norm(scaler), _norm(model))
+    scaler.scale(_loss(model, torch.randn(4, 8))).backward()
+    scaler.update()
+    scaler.unscale_(optimizer)
+    model.body[0].bias.grad.mul_(3.0)
+    assert_norm_close(handle.total_norm(scaler), _norm(model))
+
+
+def test_frozen_parameters_and_a_callers_handle():
+    model = _model()
+    model.body[0].bias.requires_grad_(False)
+    handle = tritonclip.overlap_norm(model)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # the frozen one included
+    clip = tritonclip.attach(optimizer, max_norm=0.1, overlap=handle)
+    _loss(model, torch.randn(4, 8)).backward()
+    expected = _norm(model)
+    optimizer.step()
+    assert_norm_close(clip.last_norm, expected)
+    clip.remove()
+    assert model._tritonclip_overlap_norm is handle  # the caller's handle stays registered
+
+
+def test_parameters_replaced_after_registration_are_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, device="meta"))
+    handle = tritonclip.overlap_norm(model)
+    model.to_empty(device="cpu")  # new Parameter objects
+    with pytest.raises(ValueError, match="replaced after registration"):
+        handle.clip_(1.0, torch.optim.SGD(model.parameters(), lr=0.1))

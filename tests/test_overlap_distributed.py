@@ -125,6 +125,27 @@ def _ddp(rank, world, backend):
     with pytest.raises(RuntimeError, match="pass yours as comm_hook"):
         tritonclip.overlap_norm(model)
 
+    # DDP keeps its communication hook in C++: the hook holds the handle weakly, so the
+    # model is freed; a removed handle's hook cannot be replaced, and says so
+    import gc
+    import weakref
+
+    model = DDP(_layers())
+    tritonclip.overlap_norm(model).remove()
+    with pytest.raises(RuntimeError, match="cannot unregister"):
+        tritonclip.overlap_norm(model)
+    model(torch.randn(4, 64)).sum().backward()  # the removed handle's hook just reduces
+    tritonclip.overlap_norm(DDP(_layers()))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+    ignoring = _layers()
+    DDP._set_params_and_buffers_to_ignore_for_model(ignoring, ["0.weight"])
+    with pytest.raises(ValueError, match="DDP ignores 1 parameters"):
+        tritonclip.overlap_norm(DDP(ignoring))
+
 
 def _fsdp2_run(model_fn, recipe, rank, backend, reference_clip, scaler_nan_step=None,
                accumulate=True, width=64):
@@ -193,6 +214,36 @@ def _fsdp2(rank, world, backend):
     scales = [None] * world
     dist.all_gather_object(scales, (scaler.get_scale(), [float(p.sum()) for p in params]))
     assert all(s == scales[0][0] for s, _ in scales)
+
+
+class _Branches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x, use_b):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+def _fsdp2_partial_accumulation(rank, world, backend):
+    """Micro-batches that all synchronise (FSDP2's default), the last leaving a parameter
+    without a gradient: FSDP2 adds into the local shard without moving the DTensor's
+    version, and the chunk is measured again at the step."""
+    import tritonclip
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fully_shard(_Branches(), mesh=mesh)
+    handle = tritonclip.overlap_norm(model, backend=backend)
+    for micro, use_b in enumerate((True, False, True, False)):
+        torch.manual_seed(10 * micro + rank)
+        model(torch.randn(4, 64), use_b).square().sum().backward()
+        if micro % 2:
+            ours = handle.total_norm()
+            theirs = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            assert float(ours) == pytest.approx(float(theirs.full_tensor()), rel=1e-6)
 
 
 def _fsdp2_two_dimensional(rank, world, backend):
@@ -268,6 +319,26 @@ def _fsdp1(rank, world, backend):
                 optimizer.step()
             runs[recipe] = norms, [_local(p) for p in model.parameters()]
         _compare(runs)
+    # A backward whose step was skipped (a GradScaler's inf) is overwritten by the next one,
+    # though the root FSDP unit owns no parameter (fewer flat parameters than units).
+    model = FSDP(torch.nn.Sequential(FSDP(_layers(n=2), device_id=torch.device("cpu")),
+                                     FSDP(_layers(1, n=2), device_id=torch.device("cpu"))),
+                 device_id=torch.device("cpu"))
+    handle = tritonclip.overlap_norm(model, backend=backend)
+    for step in range(3):
+        model.zero_grad()
+        torch.manual_seed(step + rank)
+        x = torch.randn(4, 64)
+        if step == 0:
+            x[0, 0] = math.inf  # (this step is skipped: no finalize)
+        model(x).square().mean().backward()
+    theirs = model.clip_grad_norm_(math.inf)
+    assert float(handle.total_norm()) == pytest.approx(float(theirs), rel=1e-6)
+    with pytest.raises(RuntimeError, match="pass yours as comm_hook"):
+        other = FSDP(_layers(n=1), device_id=torch.device("cpu"))
+        other.register_comm_hook(None, lambda state, grad, output: None)
+        tritonclip.overlap_norm(other)
+
     with pytest.raises(ValueError, match="FSDP1 takes no norm_filter"):
         tritonclip.overlap_norm(FSDP(_layers(n=1), device_id=torch.device("cpu")),
                                 norm_filter=lambda p: True)
@@ -354,7 +425,7 @@ BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("body", [_ddp, _fsdp2, _fsdp1, _groups],
+@pytest.mark.parametrize("body", [_ddp, _fsdp2, _fsdp2_partial_accumulation, _fsdp1, _groups],
                          ids=lambda body: body.__name__.strip("_"))
 def test_two_ranks(body, backend):
     spawn.run(body, 2, backend)

@@ -11,7 +11,7 @@ import torch
 from . import _core, _normmath, amp
 from .adaptive import clip_grad_agc_
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
-from .optim import MARKER, can_fold, clip_into_, fold_, folds_into
+from .optim import MARKER, can_fold, clear_stale, clip_into_, fold_, folds_into
 from .overlap import OverlapNorm, overlap_norm
 from .per_tensor import clip_grad_norm_per_tensor_
 
@@ -179,12 +179,13 @@ def attach(
             or any(k in g for g in optimizer.param_groups for k in _GROUP_KEYS)):
         raise ValueError("attach needs something to do: max_norm, clip_value, "
                          "per_tensor_norm, agc, adaptive, skip_nonfinite or skip_above")
+    owns = overlap is not None and not isinstance(overlap, OverlapNorm)
     if overlap is not None:
         overlap = _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler)
     elif scaler is not None:
         raise ValueError("scaler= is for overlap=; without it, call scaler.unscale_(optimizer) "
                          "before scaler.step(optimizer)")
-    return ClipHandle(optimizer, config, adaptive, monitor, overlap, scaler)
+    return ClipHandle(optimizer, config, adaptive, monitor, overlap, scaler, owns)
 
 
 def _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler) -> OverlapNorm:
@@ -240,10 +241,13 @@ class ClipHandle:
         steps (int): steps seen.
     """
 
-    def __init__(self, optimizer, config, adaptive, monitor, overlap=None, scaler=None):
+    def __init__(self, optimizer, config, adaptive, monitor, overlap=None, scaler=None,
+                 owns_overlap=False):
         self.optimizer = optimizer
         self.overlap = overlap
         self.scaler = scaler
+        # (a handle attach made is removed with it; one the caller passed is the caller's)
+        self._owns_overlap = owns_overlap
         self.config = config
         self.adaptive = adaptive
         self.monitor = monitor
@@ -262,7 +266,7 @@ class ClipHandle:
         self._pre.remove()
         self._post.remove()
         self._restore()
-        if self.overlap is not None:
+        if self._owns_overlap:
             self.overlap.remove()
         if getattr(self.optimizer, _ATTACHED, None) is self:
             delattr(self.optimizer, _ATTACHED)
@@ -376,6 +380,7 @@ class ClipHandle:
 
     def _overlap_clip(self, optimizer) -> torch.Tensor:
         cfg = self.config
+        clear_stale(optimizer)
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         fold = cfg["fold"] and can_fold(optimizer, scaler)
         if scaler is None:

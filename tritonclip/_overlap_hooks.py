@@ -6,6 +6,7 @@ communication hooks) to the callbacks of an ``OverlapNorm``. Nothing here holds 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -33,16 +34,18 @@ def kind(module: torch.nn.Module) -> str:
 
 
 class Chunk:
-    """Parameters measured together in a hook; ``arrived`` counts their gradients ready since
-    the last measurement; ``measured`` holds (weak gradient, version) pairs of the last
-    measurement in this round, None when it has not been measured in this round."""
+    """Parameters measured together in a hook. ``arrived``: the positions whose gradients are
+    ready since the last measurement; ``measured``: (weak gradient, version) pairs of a
+    measurement that still stands in this round (None: none does); ``written``: whether its
+    slot was written in this round."""
 
-    __slots__ = ("index", "key", "params", "arrived", "measured")
+    __slots__ = ("index", "key", "params", "arrived", "measured", "written")
 
     def __init__(self, index: int, key: int, params: list[torch.Tensor]):
         self.index, self.key, self.params = index, key, params
         self.arrived: set[int] = set()
         self.measured: list | None = None
+        self.written = False
 
     def unchanged(self) -> bool:
         """Whether every gradient is the one measured, not modified since."""
@@ -119,31 +122,69 @@ def chunks(params, keys) -> list[Chunk]:
     return out
 
 
+# The hooks call back through weak references: torch keeps hooks where the garbage collector
+# cannot see them (a tensor's hook dict, DDP's C++ reducer), so a strong reference from a hook
+# to the handle, and from there to the module, would keep the model alive forever. The handle
+# lives as long as the module (an attribute of it); once both are gone, a hook does nothing.
+
+
 def register_chunks(chunks_: list[Chunk], on_ready) -> list:
     """A post-accumulate-grad hook on every parameter of ``chunks_``:
-    ``on_ready(chunk, position)`` once its gradient is accumulated (autograd's, or FSDP2's
-    after the reduce-scatter of its shard). Returns the removable handles."""
-    return [p.register_post_accumulate_grad_hook(
-                lambda param, chunk=chunk, position=position: on_ready(chunk, position))
+    ``on_ready(chunk_index, position)`` (a bound method, held weakly) once its gradient is
+    accumulated (autograd's, or FSDP2's after the reduce-scatter of its shard). Returns the
+    removable handles."""
+    ready = weakref.WeakMethod(on_ready)
+
+    def hook(chunk_index, position, param):
+        method = ready()
+        if method is not None:
+            method(chunk_index, position)
+
+    return [p.register_post_accumulate_grad_hook(functools.partial(hook, chunk.index, position))
             for chunk in chunks_ for position, p in enumerate(chunk.params)]
+
+
+def _register_comm_hook(module, state, hook, kind: str) -> None:
+    """``module.register_comm_hook``, with the one-hook-only refusal of DDP and FSDP1 made
+    clear; once registered a communication hook cannot be removed, so it is remembered on the
+    module."""
+    if getattr(module, _COMM_HOOK, False):
+        raise RuntimeError(f"overlap_norm has already registered {kind}'s communication hook on "
+                           f"this model, which {kind} cannot unregister: keep using that "
+                           "handle (remove() stopped its measuring)")
+    try:
+        module.register_comm_hook(state, hook)
+    except (RuntimeError, AssertionError) as error:
+        if "once" not in str(error) and "already" not in str(error):
+            raise
+        raise RuntimeError(f"overlap_norm registers {kind}'s communication hook and {kind} "
+                           f"takes one: pass yours as comm_hook= instead ({error})") from None
+    setattr(module, _COMM_HOOK, True)
+
+
+_COMM_HOOK = "_tritonclip_overlap_comm_hook"
 
 
 def register_ddp(module, comm_hook, comm_state, on_reduced) -> None:
     """DDP's communication hook: ``comm_hook`` (default: DDP's all-reduce), then
-    ``on_reduced(bucket, future)`` on the reduced bucket, whose value DDP takes."""
+    ``on_reduced(bucket, reduced)`` (a bound method, held weakly), which returns the reduced
+    bucket DDP takes."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if comm_hook is None:
         comm_hook, comm_state = default_hooks.allreduce_hook, module.process_group
+    reduced_ = weakref.WeakMethod(on_reduced)
+
+    def after(bucket, future):
+        value = future.value()
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        method = reduced_()
+        return value if method is None else method(bucket, value)
 
     def hook(state, bucket):
-        return comm_hook(state, bucket).then(functools.partial(on_reduced, bucket))
+        return comm_hook(state, bucket).then(functools.partial(after, bucket))
 
-    try:
-        module.register_comm_hook(comm_state, hook)
-    except RuntimeError as error:
-        raise RuntimeError(f"overlap_norm registers DDP's communication hook and DDP "
-                           f"takes one: pass yours as comm_hook= instead ({error})") from None
+    _register_comm_hook(module, comm_state, hook, "DDP")
 
 
 def fsdp1_chain(module, process_group) -> tuple[tuple, bool]:
@@ -164,8 +205,9 @@ def fsdp1_chain(module, process_group) -> tuple[tuple, bool]:
 
 def register_fsdp1(module, comm_hook, comm_state, sharded: bool, on_reduced) -> int:
     """FSDP1's communication hook: ``comm_hook`` (default: FSDP's reduce-scatter, or its
-    all-reduce for NO_SHARD), then ``on_reduced(shard)``. Returns the number of flat
-    parameters (FSDP units)."""
+    all-reduce for NO_SHARD), then ``on_reduced(shard)`` (a bound method, held weakly).
+    Returns the number of FSDP units (an upper bound on the flat parameters reduced per
+    backward)."""
     from torch.distributed.algorithms._comm_hooks import default_hooks
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -173,12 +215,16 @@ def register_fsdp1(module, comm_hook, comm_state, sharded: bool, on_reduced) -> 
         comm_state = default_hooks.DefaultState(module.process_group)
         comm_hook = default_hooks.reduce_scatter_hook if sharded else default_hooks.allreduce_hook
 
+    reduced_ = weakref.WeakMethod(on_reduced)
+
     def hook(state, grad, output=None):
         if output is None:
             comm_hook(state, grad)
         else:
             comm_hook(state, grad, output)
-        on_reduced(grad if output is None else output)
+        method = reduced_()
+        if method is not None:
+            method(grad if output is None else output)
 
-    module.register_comm_hook(comm_state, hook)
+    _register_comm_hook(module, comm_state, hook, "FSDP1")
     return len(FullyShardedDataParallel.fsdp_modules(module))

@@ -15,7 +15,7 @@ import torch
 from . import _compile, _core, amp
 from .clip_grad import clip_grad_norm_
 
-__all__ = ["can_fold", "clip_into_", "fold_", "folds_into"]
+__all__ = ["can_fold", "clear_stale", "clip_into_", "fold_", "folds_into"]
 
 _HOOK_ATTRIBUTE = "_tritonclip_clip_into_hook"
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -85,7 +85,7 @@ def clip_into_(
                                  eps=eps, nonfinite=nonfinite)
     mode = _core.nonfinite_mode(nonfinite, error_if_nonfinite)
     scaling = scaler is not None and scaler.is_enabled()
-    _clear_stale(optimizer)
+    clear_stale(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not can_fold(optimizer, scaler if scaling else None):
         extras = dict(foreach=foreach, backend=backend, eps=eps, nonfinite=mode)
@@ -144,10 +144,12 @@ def _remove_after_step(optimizer: torch.optim.Optimizer) -> None:
     setattr(optimizer, MARKER, True)
     if getattr(optimizer, _HOOK_ATTRIBUTE, None) is None:
         setattr(optimizer, _HOOK_ATTRIBUTE, optimizer.register_step_post_hook(
-            lambda opt, args, kwargs: _clear_stale(opt)))
+            lambda opt, args, kwargs: clear_stale(opt)))
 
 
-def _clear_stale(optimizer: torch.optim.Optimizer) -> None:
+def clear_stale(optimizer: torch.optim.Optimizer) -> None:
+    """Delete a ``grad_scale`` that :func:`fold_` set for a step that never used it (the step
+    raised)."""
     if getattr(optimizer, MARKER, False):
         if hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale

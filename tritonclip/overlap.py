@@ -19,13 +19,14 @@ write nothing until the backward that does. The finalize sums the slots and zero
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
 
 from . import _core, _normmath, amp
 from . import _overlap_hooks as _hooks
-from .optim import can_fold, fold_
+from .optim import can_fold, clear_stale, fold_
 
 __all__ = ["OverlapNorm", "overlap_norm"]
 
@@ -78,9 +79,11 @@ def overlap_norm(
 
     Gradients changed after backward: for a plain module and FSDP2, a gradient that is
     replaced, modified in place (its version counter moved), set to None, or never measured
-    (an unused parameter with a stale gradient) is measured again at the finalize, so the norm
-    is always that of the current gradients. Under DDP and FSDP1 the buckets and shards are
-    measured as the communication produced them; a change made after backward is not seen.
+    (an unused parameter with a stale gradient) is measured again at the finalize. Writes
+    that move no version counter (``.data``, collectives, ``GradScaler.unscale_``, which
+    ``total_norm(scaler)`` accounts for) are not seen. Under DDP and FSDP1 the buckets and
+    shards are measured as the communication produced them; a change made after backward is
+    not seen. The parameters covered are those requiring a gradient now.
 
     Args:
         module (nn.Module): the model (DDP, FSDP1 and FSDP2 models are recognised).
@@ -138,7 +141,10 @@ class OverlapNorm:
         self.last_norm: torch.Tensor | None = None
         self._active = True
         self._handles: list = []
-        self._optimizers: set[int] = set()  # ids of optimizers checked by clip_
+        # optimizers checked by clip_ -> their parameter count then (add_param_group)
+        self._optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # (DDP's callbacks run in gloo's threads)
+        self._in_backward = False  # (FSDP1: an arrival has been seen in this backward)
         if not self.parameters:
             raise ValueError("module has no parameter that requires a gradient")
         chain = sharded = None
@@ -147,16 +153,30 @@ class OverlapNorm:
                 raise ValueError("overlap_norm on FSDP1 takes no norm_filter and no "
                                  "(parameters, group) pairs: its flat parameters mix many")
             chain, sharded = _hooks.fsdp1_chain(module, process_group)
+        if self.kind == "ddp" and getattr(module, "parameters_to_ignore", None):
+            raise ValueError(f"DDP ignores {len(module.parameters_to_ignore)} parameters, whose "
+                             "gradients are in no bucket: overlap_norm would not see them")
         self._key_of, self._groups = _hooks.keys(self.parameters, process_group, norm_filter,
                                                  chain)
-        self.device = _core.local_tensors(self.parameters[:1], "parameters")[0].device
         self.dtype = _normmath.result_dtype(p.dtype for p in self.parameters)
-        slot_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        sources = self._register(comm_hook, comm_state, sharded)
-        self._slots = [torch.zeros(sources, dtype=slot_dtype, device=self.device)
-                       for _ in self._groups]
+        self._sources = self._register(comm_hook, comm_state, sharded)
+        self._slots: list[torch.Tensor] = []  # per key, one slot per source (see _device)
         self._arrivals = 0  # sources measured since the last finalize (DDP, FSDP1)
         setattr(module, _REGISTERED, self)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the norm lives: the first parameter's device, now (the model may have moved
+        since registration)."""
+        return _core.local_tensors(self.parameters[:1], "parameters")[0].device
+
+    def _slots_on(self, device: torch.device) -> list[torch.Tensor]:
+        """The slot buffers, made (zeros) on ``device`` where they are not there yet."""
+        if not self._slots or self._slots[0].device != device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._slots = [torch.zeros(self._sources, dtype=dtype, device=device)
+                           for _ in self._groups]
+        return self._slots
 
     def _register(self, comm_hook, comm_state, sharded) -> int:
         """Register the hooks; the number of sources (slots per key)."""
@@ -187,7 +207,12 @@ class OverlapNorm:
 
     # -- hooks ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _gradient_ready(self, chunk: _hooks.Chunk, position: int) -> None:
+    def _gradient_ready(self, chunk_index: int, position: int) -> None:
+        chunk = self._chunks[chunk_index]
+        if chunk.measured is not None:
+            # accumulated again since it was measured (FSDP2 adds to the local shard without
+            # moving the DTensor's version): measured again when complete, else at the step
+            chunk.measured = None
         chunk.arrived.add(position)
         if len(chunk.arrived) == len(chunk.params):
             self._measure(chunk)
@@ -197,12 +222,11 @@ class OverlapNorm:
         chunk.measured = [(None, 0) if g is None else (weakref.ref(g), g._version)
                           for g in grads]
         chunk.arrived = set()
+        chunk.written = True
         self._write(chunk.key, chunk.index, [g for g in grads if g is not None])
 
     @torch.no_grad()
-    def _bucket_ready(self, bucket, future):
-        reduced = future.value()
-        reduced = reduced[0] if isinstance(reduced, (list, tuple)) else reduced
+    def _bucket_ready(self, bucket, reduced: torch.Tensor) -> torch.Tensor:
         if not self._active:
             return reduced
         params = bucket.parameters()
@@ -218,20 +242,30 @@ class OverlapNorm:
                 offset += p.numel()
             for key, views in by_key.items():
                 self._write(key, bucket.index(), views)
-        self._arrivals += 1
+        with self._lock:
+            self._arrivals += 1
         return reduced
 
     @torch.no_grad()
     def _flat_ready(self, shard: torch.Tensor) -> None:
         if not self._active:
             return
-        # (flat parameters are reduced in the same order by every backward: a backward whose
-        # step was skipped, e.g. by a GradScaler, is overwritten by the next one)
-        self._write(0, self._arrivals % self._slots[0].numel(), [shard])
+        # Flat parameters are reduced in the same order by every backward, and each backward
+        # numbers them from 0: one whose step was skipped (e.g. by a GradScaler) is
+        # overwritten by the next one. (FSDP1's hooks run in the autograd engine's thread,
+        # which runs the queued callback at the end of the backward.)
+        if not self._in_backward:
+            self._in_backward, self._position = True, 0
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        self._write(0, self._position, [shard])
+        self._position += 1
         self._arrivals += 1
 
+    def _backward_done(self) -> None:
+        self._in_backward = False
+
     def _write(self, key: int, index: int, grads: list[torch.Tensor]) -> None:
-        slot = self._slots[key][index]
+        slot = self._slots_on(self.device)[key][index]
         if not grads:
             slot.zero_()
             return
@@ -257,13 +291,19 @@ class OverlapNorm:
         self.last_norm = total = self._unscaled_total(scaler)
         return total
 
-    def _unscaled_total(self, scaler, unscaled_since: bool = False) -> torch.Tensor:
+    def _unscaled_total(self, scaler, unscaled_since: bool | None = None) -> torch.Tensor:
         """The total norm, unscaled by an enabled ``scaler``; ``unscaled_since``: the scaler
-        has unscaled the gradients since backward (what is measured late is unscaled)."""
+        has unscaled the gradients since backward, so what is measured late is unscaled
+        (None: whether ``scaler.unscale_`` has run for an optimizer since the last update;
+        it moves no version counter, so nothing is measured again for it)."""
         if scaler is None or not scaler.is_enabled():
             return self._finish()
         if scaler._scale is None:
             raise RuntimeError("the scaler has no scale yet: call scaler.scale(loss) first")
+        if unscaled_since is None:
+            unscaled_since = amp.OptState is not None and any(
+                state.get("stage") is amp.OptState.UNSCALED
+                                 for state in scaler._per_optimizer_states.values())
         scale = _core.move(scaler._scale, self.device, torch.float64)
         total = self._finish(scale if unscaled_since else None)
         return total * _core.move(amp.inverse_scale(scaler._scale), total.device, total.dtype)
@@ -271,19 +311,23 @@ class OverlapNorm:
     def _finish(self, late_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The (raw) total norm of the current round; starts the next round. Gradients
         measured late are multiplied by ``late_scale`` first (in power form)."""
+        if not self._active:
+            raise RuntimeError("this overlap_norm handle was removed: it measures nothing")
         p = self.norm_type
+        device = self.device
         extra = self._late_powers() if self.kind == "hooks" else self._check_arrivals()
-        if late_scale is not None:
-            factor = _normmath.power_form(late_scale, p)
-            extra = {key: power * factor.to(power.dtype) for key, power in extra.items()}
+        all_slots = self._slots_on(device)
+        if late_scale is not None:  # (in the slots' dtype: a scale^p may overflow float32)
+            factor = _normmath.power_form(late_scale.to(all_slots[0].dtype), p)
+            extra = {key: power.to(factor.dtype) * factor for key, power in extra.items()}
         items = []
-        for key, (slots, groups) in enumerate(zip(self._slots, self._groups)):
+        for key, (slots, groups) in enumerate(zip(all_slots, self._groups)):
             power = _normmath.reduce_power(slots, p)
             if key in extra:
-                power = _normmath.combine([power, extra[key]], p, self.device, slots.dtype)
+                power = _normmath.combine([power, extra[key]], p, device, slots.dtype)
             items.append((groups, power, torch.isnan(power), torch.isinf(power)))
-        power, nan, inf = _core.reduce_sets(items, p, self.device)
-        for slots in self._slots:
+        power, nan, inf = _core.reduce_sets(items, p, device)
+        for slots in all_slots:
             slots.zero_()
         self._arrivals = 0
         return _normmath.finish(power, nan, inf, p, self.dtype)
@@ -294,12 +338,13 @@ class OverlapNorm:
         user-set gradients); their slots are zeroed first."""
         late: dict[int, list] = {}
         for chunk in self._chunks:
+            written, chunk.written = chunk.written, False
             if chunk.measured is not None and chunk.unchanged():
                 chunk.measured = None
                 continue
-            if chunk.measured is not None:
-                self._slots[chunk.key][chunk.index].zero_()
-                chunk.measured = None
+            if written:  # (a value from earlier in this round: a micro-batch before)
+                self._slots_on(self.device)[chunk.key][chunk.index].zero_()
+            chunk.measured = None
             chunk.arrived = set()
             grads = late.setdefault(chunk.key, [])
             grads.extend(p.grad for p in chunk.params if p.grad is not None)
@@ -354,8 +399,9 @@ class OverlapNorm:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        if optimizer is not None and id(optimizer) not in self._optimizers:
+        if optimizer is not None:
             self._check_optimizer(optimizer)
+            clear_stale(optimizer)
         scaling = scaler is not None and scaler.is_enabled()
         if scaling and optimizer is None:
             raise ValueError("clip_ with a scaler needs the optimizer (the scaler keeps its "
@@ -388,18 +434,24 @@ class OverlapNorm:
 
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """``ValueError`` unless ``optimizer`` steps exactly the module's trainable parameters
-        (checked once per optimizer): the coefficient it is handed is theirs."""
-        theirs = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        """``ValueError`` unless ``optimizer``'s trainable parameters are exactly those the
+        handle covers (the module's when it was registered): the coefficient it is handed is
+        theirs. Checked again only when its parameter count changes."""
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        if self._optimizers.get(optimizer) == count:
+            return
+        theirs = {id(p) for group in optimizer.param_groups for p in group["params"]
+                  if p.requires_grad}
         ours = {id(p) for p in self.parameters}
         if ours != theirs:
             raise ValueError(
-                f"the module and the optimizer hold different parameters ({len(ours - theirs)} "
-                f"trainable ones of the module are not the optimizer's, {len(theirs - ours)} "
-                "of the optimizer's are not the module's): the norm would not be the "
-                "optimizer's"
+                f"the optimizer's trainable parameters are not those overlap_norm covers (the "
+                f"module's that required a gradient when it was registered): "
+                f"{len(ours - theirs)} covered ones are not the optimizer's, "
+                f"{len(theirs - ours)} of the optimizer's are not covered (were the parameters "
+                "replaced after registration, e.g. by to_empty()? register once they are final)"
             )
-        self._optimizers.add(id(optimizer))
+        self._optimizers[optimizer] = count
 
     def _scale_(self, factor: torch.Tensor, skip_at_least_one: bool = True) -> None:
         """Scale every gradient in place by ``factor`` (one pass)."""
