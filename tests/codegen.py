@@ -1,5 +1,6 @@
 """Compile the kernel variants of the registry (tritonclip.kernels.registry) for GPU targets, on a
-machine without a GPU, and report what the PTX, the SASS and the resource usage say.
+machine without a GPU, and report what the PTX, the SASS and the resource usage say (for AMD
+targets: the LLVM IR and the AMDGCN assembly with its metadata).
 
 Run as a script (``python tests/codegen.py [TARGET ...]``, names from TARGETS, all by default)
 with TRITON_INTERPRET unset: it prints one JSON object, {"variants": {"TARGET/VARIANT": {...}},
@@ -43,11 +44,14 @@ def _sixteen_bit(name: str) -> bool:
 # (Ampere) compiles the float16 and bfloat16 ones: measured with triton 3.9, every field the
 # tests read was equal on the two archs for all 239 variants; what differs is ptxas's register
 # allocation (spills are per arch), which peaks on sm_80 in the 16-bit variants (128 registers;
-# float32 and float64 at most 80 of the 255 a thread can use). (A target of another backend
-# needs its own reading of the binary in target_report: cubin, SASS and cuobjdump are CUDA's.)
+# float32 and float64 at most 80 of the 255 a thread can use). AMD's gfx942 (MI300, 64-lane
+# wavefronts) compiles every variant and gfx90a (MI200) the 16-bit ones, by the same rule; their
+# AMDGCN is read by amd_facts, CUDA's PTX and SASS by the functions below it.
 TARGETS = {
     "sm90": (GPUTarget("cuda", 90, 32), _every_variant),
     "sm80": (GPUTarget("cuda", 80, 32), _sixteen_bit),
+    "gfx942": (GPUTarget("hip", "gfx942", 64), _every_variant),
+    "gfx90a": (GPUTarget("hip", "gfx90a", 64), _sixteen_bit),
 }
 
 
@@ -80,6 +84,35 @@ def compile_variant(variant, target: GPUTarget):
     source = ASTSource(fn=variant.kernel, signature=signature, constexprs=variant.constexprs,
                        attrs=attrs)
     return triton.compile(source, target=target, options={"num_warps": variant.meta["num_warps"]})
+
+
+def amd_facts(llir: str, amdgcn: str) -> dict:
+    """What the tests read, from a HIP kernel's LLVM IR and AMDGCN assembly, under the keys
+    of the CUDA reading (ptx_facts, sass_facts, local_memory_bytes)."""
+    metadata = {key: int(value) for key, value in re.findall(
+        r"^\s*\.(private_segment_fixed_size|vgpr_spill_count|sgpr_spill_count):\s*(\d+)",
+        amdgcn, re.M)}
+    return {
+        # IEEE float division and sqrt: no fast-math flag or !fpmath accuracy on them
+        "ieee_sqrt_div": (
+            bool(re.search(r"call (?:<\d+ x )?(?:float|double)>? @llvm\.sqrt\.(?:v\d+)?"
+                           r"f(?:32|64)\([^\n]*\)(?![^\n]*!fpmath)", llir)),
+            bool(re.search(r"= fdiv (?:float|double) ", llir))
+            and not re.search(r"= fdiv [^\n]*!fpmath", llir)),
+        # the last-program handshake: an acquire-release agent-scope atomic after a barrier;
+        # the acquire invalidates the compute unit's cache (L1), so the partials that follow
+        # are read from L2
+        "acq_rel_atomics": len(re.findall(r'atomicrmw [^\n]*syncscope\("agent"\) acq_rel',
+                                          llir)),
+        "barriers": len(re.findall(r"^\s*s_barrier\b", amdgcn, re.M)),
+        "cg_loads": len(re.findall(r"^\s*(?:buffer_inv\b|buffer_wbinvl1)", amdgcn, re.M)),
+        # 128-bit global accesses (plain or buffer)
+        "ldg128": len(re.findall(r"^\s*(?:global|buffer)_load_dwordx4\b", amdgcn, re.M)),
+        "stg128": len(re.findall(r"^\s*(?:global|buffer)_store_dwordx4\b", amdgcn, re.M)),
+        # scratch (private segment) bytes, and spills (4 bytes a register)
+        "local": metadata["private_segment_fixed_size"]
+        + 4 * (metadata["vgpr_spill_count"] + metadata["sgpr_spill_count"]),
+    }
 
 
 def ptx_facts(ptx: str) -> dict:
@@ -181,6 +214,9 @@ def target_report(name: str, chosen: list) -> tuple[dict, dict]:
     check of the one in the middle (the split of the batched listing matters there)."""
     target = TARGETS[name][0]
     compiled = [compile_variant(variant, target) for variant in chosen]
+    if target.backend == "hip":  # (Triton hands the assembly over: nothing to disassemble)
+        return {f"{name}/{variant.name}": amd_facts(c.asm["llir"], c.asm["amdgcn"])
+                for variant, c in zip(chosen, compiled)}, None
     sass = disassemble_together([code_section(c.asm["cubin"]) for c in compiled],
                                 sass_arch(compiled[0].asm["ptx"]))
     reports = {f"{name}/{variant.name}": {**ptx_facts(c.asm["ptx"]), **sass_facts(s),
@@ -199,7 +235,8 @@ def main(targets: list[str]) -> None:
     for name in targets:
         reports, check = target_report(name, [by_name[v] for v in chosen[name]])
         result["variants"].update(reports)
-        result["disassembly"][name] = check
+        if check is not None:
+            result["disassembly"][name] = check
     json.dump(result, sys.stdout)
 
 

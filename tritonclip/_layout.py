@@ -50,8 +50,22 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype,
                              "them to torch.")
         return TRITON, "backend='triton' was requested"
     if why_not is None and device.type == "cuda":
+        if rocm():
+            return TORCH, ROCM_REASON
         return TRITON, "backend='auto' on a CUDA device"
     return TORCH, why_not or "backend='auto' runs the Triton kernels on CUDA devices only"
+
+
+# On a ROCm build of torch the device type is "cuda" too. The kernels compile for gfx90a and
+# gfx942 (tests/codegen.py checks their AMDGCN in CI) but have never run on AMD hardware, so
+# "auto" keeps to torch's ops there, which are known to work; "triton" is the opt-in.
+ROCM_REASON = ("backend='auto' runs torch ops on ROCm: the Triton kernels are compile-checked "
+               "for gfx90a and gfx942 but not hardware-tested there (backend='triton' opts in)")
+
+
+def rocm() -> bool:
+    """Whether this torch is a ROCm (HIP) build."""
+    return getattr(torch.version, "hip", None) is not None
 
 
 @dataclasses.dataclass(eq=False)

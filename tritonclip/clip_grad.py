@@ -222,7 +222,8 @@ def clip_grad_norm_(
         backend (str, optional): ``"auto"``, ``"triton"`` or ``"torch"``. ``None`` reads
             the environment variable ``TRITONCLIP_BACKEND`` and defaults to ``"auto"``, which
             runs the Triton kernels on CUDA float16/bfloat16/float32/float64 dense gradients
-            and torch ops on everything else (CPU, complex, sparse, other devices).
+            and torch ops on everything else (CPU, complex, sparse, other devices, and a
+            ROCm build of torch, where the kernels are compile-checked but untested).
             ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``; otherwise it raises
             ``ValueError`` before touching any gradient. Gradients that are not one dense
             block of memory (e.g. ``g[:, ::2]``) are handled by torch ops in every backend.
