@@ -160,7 +160,7 @@ class OverlapNorm:
                                                  chain)
         self.dtype = _normmath.result_dtype(p.dtype for p in self.parameters)
         self._sources = self._register(comm_hook, comm_state, sharded)
-        self._slots: list[torch.Tensor] = []  # per key, one slot per source (see _device)
+        self._slots: list[torch.Tensor] = []  # per key, one slot per source (_slots_on)
         self._arrivals = 0  # sources measured since the last finalize (DDP, FSDP1)
         setattr(module, _REGISTERED, self)
 
@@ -171,12 +171,17 @@ class OverlapNorm:
         return _core.local_tensors(self.parameters[:1], "parameters")[0].device
 
     def _slots_on(self, device: torch.device) -> list[torch.Tensor]:
-        """The slot buffers, made (zeros) on ``device`` where they are not there yet."""
-        if not self._slots or self._slots[0].device != device:
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._slots = [torch.zeros(self._sources, dtype=dtype, device=device)
-                           for _ in self._groups]
-        return self._slots
+        """The slot buffers, made (zeros) on ``device`` where they are not there yet (once, under
+        the lock: DDP's first buckets may arrive in several threads at once)."""
+        slots = self._slots
+        if not slots or slots[0].device != device:
+            with self._lock:
+                slots = self._slots
+                if not slots or slots[0].device != device:
+                    dtype = torch.float32 if device.type == "mps" else torch.float64
+                    slots = self._slots = [torch.zeros(self._sources, dtype=dtype, device=device)
+                                           for _ in self._groups]
+        return slots
 
     def _register(self, comm_hook, comm_state, sharded) -> int:
         """Register the hooks; the number of sources (slots per key)."""
@@ -303,7 +308,7 @@ class OverlapNorm:
         if unscaled_since is None:
             unscaled_since = amp.OptState is not None and any(
                 state.get("stage") is amp.OptState.UNSCALED
-                                 for state in scaler._per_optimizer_states.values())
+                for state in scaler._per_optimizer_states.values())
         scale = _core.move(scaler._scale, self.device, torch.float64)
         total = self._finish(scale if unscaled_since else None)
         return total * _core.move(amp.inverse_scale(scaler._scale), total.device, total.dtype)
