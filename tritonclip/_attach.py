@@ -208,22 +208,20 @@ def _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler) -> Ov
         raise ValueError(f"overlap reads the state of torch.amp.GradScaler; "
                          f"{type(scaler).__name__} overrides unscale_")
     if isinstance(overlap, OverlapNorm):
-        handle = overlap
-        if handle.norm_type != config["norm_type"]:
-            raise ValueError(f"the overlap handle takes norm_type {handle.norm_type!r}, "
+        if overlap.norm_type != config["norm_type"]:
+            raise ValueError(f"the overlap handle takes norm_type {overlap.norm_type!r}, "
                              f"attach {config['norm_type']!r}")
+        handle = overlap
     elif isinstance(overlap, torch.nn.Module):
-        handle = None
+        handle = overlap_norm(overlap, config["norm_type"], foreach=config["foreach"],
+                              backend=config["backend"])
     else:
         raise TypeError(f"overlap must be an nn.Module or an OverlapNorm, got "
                         f"{type(overlap).__name__}")
-    if handle is None:
-        handle = overlap_norm(overlap, config["norm_type"], foreach=config["foreach"],
-                              backend=config["backend"])
     try:
         handle._check_optimizer(optimizer)
     except ValueError:
-        if not isinstance(overlap, OverlapNorm):
+        if handle is not overlap:
             handle.remove()  # (registered just above)
         raise
     return handle
