@@ -219,7 +219,7 @@ def _overlap_handle(optimizer, overlap, config, adaptive, monitor, scaler) -> Ov
         raise TypeError(f"overlap must be an nn.Module or an OverlapNorm, got "
                         f"{type(overlap).__name__}")
     try:
-        handle._check_optimizer(optimizer)
+        handle.check_optimizer(optimizer)
     except ValueError:
         if handle is not overlap:
             handle.remove()  # (registered just above)

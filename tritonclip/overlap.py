@@ -405,7 +405,7 @@ class OverlapNorm:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
         if optimizer is not None:
-            self._check_optimizer(optimizer)
+            self.check_optimizer(optimizer)
             clear_stale(optimizer)
         scaling = scaler is not None and scaler.is_enabled()
         if scaling and optimizer is None:
@@ -438,7 +438,7 @@ class OverlapNorm:
         return total
 
 
-    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """``ValueError`` unless ``optimizer``'s trainable parameters are exactly those the
         handle covers (the module's when it was registered): the coefficient it is handed is
         theirs. Checked again only when its parameter count changes."""
