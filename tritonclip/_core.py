@@ -457,20 +457,6 @@ def _counted(items: list[torch.Tensor], norm_filter) -> list[torch.Tensor]:
     return [t for t in items if norm_filter(t)]
 
 
-def same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
-    """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
-    seen: dict[int, int] = {}
-    for index, (tensors, _) in enumerate(pairs):
-        for t in tensors:
-            if id(t) in seen:
-                raise ValueError(f"a tensor is in process_group[{seen[id(t)]}] and "
-                                 f"process_group[{index}]: each belongs to one group")
-            seen[id(t)] = index
-    if set(seen) != {id(t) for t in whole}:
-        raise ValueError(f"the (parameters, group) pairs of process_group must hold exactly "
-                         f"the {name} passed: {len(seen)} in the pairs, {len(whole)} passed")
-
-
 def prepare(items: list[torch.Tensor], requested: str, purpose: str, *, parameters: bool,
             process_group=None, norm_filter=None, name: str | None = None) -> "PreparedGrads":
     """The prepared gradients of ``items`` (parameters whose ``.grad`` is used, or the
@@ -488,7 +474,7 @@ def prepare(items: list[torch.Tensor], requested: str, purpose: str, *, paramete
     if purpose == "clamp" and local is not grads:
         _sharding.check_no_partial(grads, name)
     if pairs is not None:
-        same_members(items, pairs, "parameters" if parameters else "tensors")
+        distributed.same_members(items, pairs, "parameters" if parameters else "tensors")
     device = local[0].device if local else CPU
     if pairs is None and local is grads and norm_filter is None:
         sets = [NormSet(groups, local, () if process_group is None else (process_group,))]

@@ -10,7 +10,7 @@ import weakref
 
 import torch
 
-from . import _core, _sharding, distributed
+from . import _sharding, distributed
 
 # A chunk is the unit of one multi-tensor launch in a hook: consecutive parameters (in reverse
 # registration order, the order backward makes their gradients ready) up to this many, or
@@ -70,7 +70,7 @@ def keys(params, process_group, norm_filter, chain=None):
         else None
     outer_of = {}
     if pairs is not None:
-        _core.same_members(params, pairs, "module's trainable parameters")
+        distributed.same_members(params, pairs, "module's trainable parameters")
         outer_of = {id(t): group for members, group in pairs for t in members}
     chains: dict[tuple, int] = {}
     groups: list[tuple] = []

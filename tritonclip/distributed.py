@@ -29,6 +29,7 @@ __all__ = [
     "check_process_group",
     "megatron_norm_filter",
     "pairs_of",
+    "same_members",
     "ranks_of",
     "reduction_device",
 ]
@@ -55,6 +56,20 @@ def pairs_of(process_group, name: str):
                                 f"Tensor, among its {name}")
         pairs.append((tensors, group))
     return pairs
+
+
+def same_members(whole: list[torch.Tensor], pairs, name: str) -> None:
+    """Every tensor of ``whole`` in exactly one pair, and nothing else in the pairs."""
+    seen: dict[int, int] = {}
+    for index, (tensors, _) in enumerate(pairs):
+        for t in tensors:
+            if id(t) in seen:
+                raise ValueError(f"a tensor is in process_group[{seen[id(t)]}] and "
+                                 f"process_group[{index}]: each belongs to one group")
+            seen[id(t)] = index
+    if set(seen) != {id(t) for t in whole}:
+        raise ValueError(f"the (parameters, group) pairs of process_group must hold exactly "
+                         f"the {name} passed: {len(seen)} in the pairs, {len(whole)} passed")
 
 
 def check_process_group(process_group) -> None:
