@@ -124,6 +124,7 @@ def run(model_name: str, dtype: torch.dtype, device: torch.device, reps: int,
         model = copy.deepcopy(base)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=True)
         steps[name] = _step_fn(name, model, optimizer, tokens, targets)
+    parameters = sum(p.numel() for p in base.parameters())  # (tied weights counted once)
     del base
     # One step of each from the same weights and batch: their norms must agree.
     norms = {name: step() for name, step in steps.items()}
@@ -141,8 +142,6 @@ def run(model_name: str, dtype: torch.dtype, device: torch.device, reps: int,
         if "torch" in times:
             record["speedup_vs_torch"] = times["torch"]["time_ms"] / stats["time_ms"]
         records.append(record)
-    parameters = sum(p.numel() for p in Decoder(vocab, d, layers, heads, ff, llama,
-                                                   sequence).parameters())
     return {"machine": machine_stamp(device), "load": machine_load(), "model": model_name,
             "parameters": parameters, "dtype": str(dtype).removeprefix("torch."),
             "batch": batch, "sequence": sequence, "max_norm": MAX_NORM, "norms": norms,
