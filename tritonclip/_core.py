@@ -546,13 +546,8 @@ class PreparedGrads:
         total = _normmath.finish(power, nan, inf, norm_type, self.dtype)
         if inv_scale is None:
             return total, _normmath.clip_coefficient(total, max_norm, eps, skip_nonfinite), None
-        found = (~torch.isfinite(total)).float()
         inv_scale = move(inv_scale.reshape(()), self.device, self.dtype)
-        total = total * inv_scale
-        factor = _normmath.clip_coefficient(total, max_norm, eps, False) * inv_scale
-        if skip_nonfinite:
-            factor = torch.where(found > 0, torch.ones_like(factor), factor)
-        return total, factor, found
+        return _normmath.unscaled_clip(total, inv_scale, max_norm, eps, skip_nonfinite)
 
     def _local_power(self, norm_set, norm_type, foreach, dtype):
         """(power form, any NaN, any inf) of this rank's part of ``norm_set``, in ``dtype``

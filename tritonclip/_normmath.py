@@ -91,6 +91,21 @@ def finish(power: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor, norm_type:
     return with_flags(total, nan, inf)
 
 
+def unscaled_clip(scaled: torch.Tensor, inv_scale: torch.Tensor, max_norm, eps: float,
+                  skip_nonfinite: bool):
+    """(norm, factor, found) of a clip of gradients a GradScaler scaled, from the norm of the
+    ``scaled`` gradients and ``inv_scale`` (1 / scale, in its dtype, on its device): the norm
+    of the unscaled gradients; the one factor that unscales and clips (1 where the norm is not
+    finite and ``skip_nonfinite``: left as they are); ``found`` 1.0 where the scaled norm is
+    not finite, else 0.0 (float32), what GradScaler.unscale_ would have found."""
+    found = (~torch.isfinite(scaled)).float()
+    total = scaled * inv_scale
+    factor = clip_coefficient(total, max_norm, eps, False) * inv_scale
+    if skip_nonfinite:
+        factor = torch.where(found > 0, torch.ones_like(factor), factor)
+    return total, factor, found
+
+
 def clip_coefficient(total: torch.Tensor, max_norm, eps: float,
                      skip_nonfinite: bool) -> torch.Tensor:
     """min(max_norm / (total + eps), 1) in ``total``'s dtype (float32; float64 for float64

@@ -417,26 +417,21 @@ class OverlapNorm:
         state = scale = None
         if scaling:
             state, scale = amp.begin_unscale(scaler, optimizer)
-        raw = self._finish()
-        inv_scale = found = None
-        if scaling:
-            inv_scale = _core.move(amp.inverse_scale(scale), raw.device, raw.dtype)
-            found = (~torch.isfinite(raw)).float()
-        total = raw if inv_scale is None else raw * inv_scale
+        total = self._finish()
+        skip = mode == "skip"
+        if scaling:  # (the same arithmetic as amp.unscale_and_clip_ and optim.clip_into_)
+            inv_scale = _core.move(amp.inverse_scale(scale), total.device, total.dtype)
+            total, factor, found = _normmath.unscaled_clip(total, inv_scale, max_norm, eps, skip)
         _core.check_nonfinite(total, mode, self.norm_type)
-        coef = _normmath.clip_coefficient(total, max_norm, eps, mode == "skip")
+        coef = _normmath.clip_coefficient(total, max_norm, eps, skip)
         if optimizer is not None and can_fold(optimizer, scaler if scaling else None):
             fold_(optimizer, coef, scale)
         else:
-            factor = coef if inv_scale is None else coef * inv_scale
-            if scaling and mode == "skip":
-                factor = torch.where(found > 0, torch.ones_like(factor), factor)
-            self._scale_(factor, skip_at_least_one=not scaling)
+            self._scale_(factor if scaling else coef, skip_at_least_one=not scaling)
         if scaling:
             amp.end_unscale(scaler, state, found, _core.grads_of(self.parameters))
         self.last_norm = total
         return total
-
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """``ValueError`` unless ``optimizer``'s trainable parameters are exactly those the
